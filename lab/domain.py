@@ -1,0 +1,182 @@
+"""Guest domains: XML, boot, ownership marks and removal.
+
+Every domain the harness creates carries two marks: a name that starts with
+``mlab-`` and a metadata element in the harness's own XML namespace holding
+the run it belongs to. Functions that stop, destroy or migrate a domain
+check both marks first, so a domain someone else created is never touched,
+even when its name collides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from lab.errors import LabError, OwnershipError
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "mlab-"
+OWNER_NAMESPACE = "urn:x-migration-lab:owner:1"
+OWNER_PREFIX = "migrlab"
+# Console log path inside each host; every host binds its own private
+# /var/log/libvirt, so the same path names a different file on each host.
+CONSOLE_DIR = "/var/log/libvirt/qemu"
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything needed to write the domain XML of one guest."""
+
+    name: str
+    run_id: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    accelerator: str  # "kvm" or "tcg"
+    bridge: str | None = "br0"
+    mac: str | None = None
+    nic_model: str = "e1000"
+
+    @property
+    def console_path(self) -> str:
+        return f"{CONSOLE_DIR}/{self.name}-console.log"
+
+
+def guest_mac(index: int) -> str:
+    """Return a locally administered MAC address for guest number *index*."""
+    return f"52:54:00:6d:{(index >> 8) & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+def domain_xml(spec: GuestSpec) -> str:
+    """Build the domain XML of a diskless guest booted from kernel and initramfs."""
+    if not spec.name.startswith(NAME_PREFIX):
+        raise LabError(f"guest name {spec.name!r} must start with {NAME_PREFIX!r}")
+    domain_type = "kvm" if spec.accelerator == "kvm" else "qemu"
+    root = ET.Element("domain", type=domain_type)
+    ET.SubElement(root, "name").text = spec.name
+    ET.SubElement(root, "memory", unit="MiB").text = str(spec.memory_mib)
+    ET.SubElement(root, "vcpu").text = str(spec.vcpus)
+
+    metadata = ET.SubElement(root, "metadata")
+    owner = ET.SubElement(metadata, f"{{{OWNER_NAMESPACE}}}owner")
+    owner.set("run", spec.run_id)
+
+    os_element = ET.SubElement(root, "os")
+    ET.SubElement(os_element, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_element, "kernel").text = str(spec.kernel)
+    ET.SubElement(os_element, "initrd").text = str(spec.initrd)
+    ET.SubElement(os_element, "cmdline").text = spec.cmdline
+
+    features = ET.SubElement(root, "features")
+    ET.SubElement(features, "acpi")
+    if domain_type == "qemu":
+        # Both hosts run the same QEMU, so the default TCG model migrates; naming
+        # it keeps the guest CPU identical whatever QEMU's default becomes.
+        cpu = ET.SubElement(root, "cpu", mode="custom", match="exact")
+        ET.SubElement(cpu, "model", fallback="forbid").text = "qemu64"
+    ET.SubElement(root, "clock", offset="utc")
+    ET.SubElement(root, "on_poweroff").text = "destroy"
+    ET.SubElement(root, "on_reboot").text = "destroy"
+    # A crashed guest stays for inspection instead of vanishing.
+    ET.SubElement(root, "on_crash").text = "preserve"
+
+    devices = ET.SubElement(root, "devices")
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=spec.console_path)
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="file")
+    ET.SubElement(console, "source", path=spec.console_path)
+    ET.SubElement(console, "target", type="serial", port="0")
+    if spec.bridge:
+        interface = ET.SubElement(devices, "interface", type="bridge")
+        ET.SubElement(interface, "source", bridge=spec.bridge)
+        if spec.mac:
+            ET.SubElement(interface, "mac", address=spec.mac)
+        ET.SubElement(interface, "model", type=spec.nic_model)
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+
+    ET.register_namespace(OWNER_PREFIX, OWNER_NAMESPACE)
+    return ET.tostring(root, encoding="unicode")
+
+
+def owner_run(dom: libvirt.virDomain) -> str | None:
+    """Return the run id in the harness's ownership mark, or None without a mark."""
+    if not dom.name().startswith(NAME_PREFIX):
+        return None
+    try:
+        element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OWNER_NAMESPACE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
+    return ET.fromstring(element).get("run")
+
+
+def require_owned(dom: libvirt.virDomain) -> str:
+    """Return the owning run id, or raise OwnershipError for a foreign domain."""
+    run = owner_run(dom)
+    if run is None:
+        raise OwnershipError(
+            f"domain {dom.name()!r} has no migration-lab ownership mark, so the harness "
+            "will not stop, destroy or migrate it. Rename or remove it yourself if it is in the way.")
+    return run
+
+
+def owned_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
+    """List the domains on *conn* that carry the harness's ownership mark."""
+    return [dom for dom in conn.listAllDomains() if owner_run(dom) is not None]
+
+
+def boot(conn: libvirt.virConnect, spec: GuestSpec) -> libvirt.virDomain:
+    """Start a transient guest; refuse if a domain of that name already exists."""
+    try:
+        existing = conn.lookupByName(spec.name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+    else:
+        require_owned(existing)
+        raise LabError(f"guest {spec.name!r} already runs on {conn.getHostname()}; "
+                       "remove leftovers with 'migrlab clean'")
+    log.debug("booting %s on %s", spec.name, conn.getURI())
+    return conn.createXML(domain_xml(spec), 0)
+
+
+def destroy(dom: libvirt.virDomain, *, grace_s: float = 5.0) -> None:
+    """Destroy an owned domain; a domain already gone counts as destroyed.
+
+    ``VIR_DOMAIN_DESTROY_GRACEFUL`` sends SIGTERM only; after *grace_s* the
+    plain destroy sends SIGKILL, because a QEMU paused in postcopy ignores
+    SIGTERM.
+    """
+    try:
+        require_owned(dom)
+        dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        return
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return
+        log.debug("graceful destroy of %s failed: %s", dom.name(), exc)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return
+            dom.destroy()
+            return
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                return
+            log.debug("destroy of %s failed, retrying: %s", dom.name(), exc)
+            time.sleep(0.5)
+    raise LabError(f"could not destroy guest {dom.name()!r} within {grace_s:.0f} s; "
+                   "run 'migrlab lab down' to kill the lab's processes")
