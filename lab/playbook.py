@@ -1,0 +1,619 @@
+"""Playbook models and loader.
+
+A playbook is a YAML file that declares one experiment: the base guest,
+workload and migration settings, and a matrix of values to vary. The loader
+validates the whole file before returning, so a typo fails before any host is
+touched, and it reports every problem it finds with the file, the line and the
+field path.
+
+A scenario is one point of the matrix, merged over the base sections. Its
+fields, and the names that a matrix may vary, are listed in SCENARIO_FIELDS.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError,
+                      ValidationInfo, model_validator)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["stop-and-copy", "precopy", "postcopy", "hybrid"]
+Pattern = Literal["sequential", "random"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+PATTERNS: tuple[str, ...] = get_args(Pattern)
+
+# Guest memory that the working set cannot use, because the guest kernel and
+# the initramfs that carries the workload live there.
+GUEST_HEADROOM_MIB = 48
+
+ExperimentName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
+MemoryMiB = Annotated[int, Field(gt=0)]
+Vcpus = Annotated[int, Field(ge=1)]
+WorkingSetMiB = Annotated[int, Field(gt=0)]
+# 0 means that the workload dirties memory as fast as the guest can.
+DirtyRateMiBs = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+BandwidthMiBs = Annotated[int, Field(gt=0)]
+DowntimeLimitMs = Annotated[int, Field(gt=0)]
+MaxTimeS = Annotated[int, Field(gt=0)]
+PostcopyAfterIterations = Annotated[int, Field(ge=1)]
+ScenarioId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=200)]
+
+# Scenario fields in id order, each with the playbook section that sets its base value.
+SCENARIO_FIELDS: dict[str, str] = {
+    "strategy": "migration",
+    "memory_mib": "guest",
+    "vcpus": "guest",
+    "working_set_mib": "workload",
+    "dirty_rate_mib_s": "workload",
+    "pattern": "workload",
+    "bandwidth_mib_s": "migration",
+    "downtime_limit_ms": "migration",
+    "max_time_s": "migration",
+    "postcopy_after_iterations": "migration",
+}
+
+# Fields without a usable default: the base section or the matrix must set them.
+REQUIRED_FIELDS = ("strategy", "memory_mib", "working_set_mib", "dirty_rate_mib_s")
+
+# Scenario id parts: a prefix before the value, and the word that stands for null.
+_ID_PREFIX = {
+    "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "working_set_mib": "ws",
+    "dirty_rate_mib_s": "rate", "pattern": "", "bandwidth_mib_s": "bw",
+    "downtime_limit_ms": "dt", "max_time_s": "max", "postcopy_after_iterations": "pc",
+}
+_ID_NULL = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "default",
+            "postcopy_after_iterations": "off"}
+
+_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Scenario(BaseModel):
+    """One point of the experiment matrix: every setting a run needs.
+
+    ``scenario_id`` defaults to the strategy name when the scenario is built by
+    hand. Playbook.scenarios() sets it from the matrix values.
+    """
+
+    model_config = _CONFIG
+
+    scenario_id: ScenarioId
+    strategy: Strategy
+    memory_mib: MemoryMiB
+    vcpus: Vcpus
+    working_set_mib: WorkingSetMiB
+    dirty_rate_mib_s: DirtyRateMiBs
+    pattern: Pattern
+    bandwidth_mib_s: BandwidthMiBs | None
+    downtime_limit_ms: DowntimeLimitMs | None
+    max_time_s: MaxTimeS
+    postcopy_after_iterations: PostcopyAfterIterations | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "scenario_id" not in data:
+            data = {**data, "scenario_id": data.get("strategy")}
+        return data
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Scenario:
+        problems = cross_field_problems(self.values())
+        if problems:
+            raise ValueError("; ".join(f"{message}. {fix}" for _, message, fix in problems))
+        return self
+
+    def values(self) -> dict[str, Any]:
+        """Return the settings as a plain dict, without the scenario id."""
+        return self.model_dump(exclude={"scenario_id"})
+
+
+def cross_field_problems(values: dict[str, Any]) -> list[tuple[tuple[str, ...], str, str]]:
+    """Check rules that involve more than one scenario field.
+
+    Returns (fields involved, message, fix) per broken rule. The values must
+    already be valid one by one.
+    """
+    problems = []
+    memory_mib = values["memory_mib"]
+    working_set_mib = values["working_set_mib"]
+    usable_mib = memory_mib - GUEST_HEADROOM_MIB
+    if working_set_mib > usable_mib:
+        problems.append((
+            ("working_set_mib", "memory_mib"),
+            f"working set of {working_set_mib} MiB does not fit in a {memory_mib} MiB guest, "
+            f"which leaves at most {usable_mib} MiB after {GUEST_HEADROOM_MIB} MiB for the guest "
+            f"kernel and initramfs",
+            "Lower working_set_mib or raise memory_mib",
+        ))
+
+    strategy = values["strategy"]
+    after_iterations = values["postcopy_after_iterations"]
+    if strategy == "hybrid" and after_iterations is None:
+        problems.append((
+            ("strategy", "postcopy_after_iterations"),
+            "the hybrid strategy needs postcopy_after_iterations",
+            "Set migration.postcopy_after_iterations to the number of precopy iterations "
+            "before the switch to postcopy",
+        ))
+    if strategy != "hybrid" and after_iterations is not None:
+        problems.append((
+            ("strategy", "postcopy_after_iterations"),
+            f"postcopy_after_iterations applies only to the hybrid strategy, not to {strategy}",
+            "List postcopy_after_iterations values only for hybrid runs, or use null",
+        ))
+    return problems
+
+
+class LabSection(BaseModel):
+    """Size of the local lab. The source host is h1 and the destination h2."""
+
+    model_config = _CONFIG
+    hosts: Annotated[int, Field(ge=2)] = 2
+
+
+class GuestSection(BaseModel):
+    model_config = _CONFIG
+    memory_mib: MemoryMiB | None = None
+    vcpus: Vcpus = 1
+
+
+class WorkloadSection(BaseModel):
+    model_config = _CONFIG
+    working_set_mib: WorkingSetMiB | None = None
+    dirty_rate_mib_s: DirtyRateMiBs | None = None
+    pattern: Pattern = "random"
+
+
+class MigrationSection(BaseModel):
+    """Base migration settings. A null bandwidth is unlimited, a null downtime limit QEMU's default."""
+
+    model_config = _CONFIG
+    strategy: Strategy | None = None
+    bandwidth_mib_s: BandwidthMiBs | None = None
+    downtime_limit_ms: DowntimeLimitMs | None = None
+    max_time_s: MaxTimeS = 300
+    postcopy_after_iterations: PostcopyAfterIterations | None = None
+
+
+class TimeoutsSection(BaseModel):
+    """Timeouts in seconds."""
+
+    model_config = _CONFIG
+    # From guest start until its workload reports.
+    guest_boot_s: Annotated[int, Field(gt=0)] = 60
+    # After migration, until the guest's workload has reported on the host that runs it.
+    integrity_s: Annotated[int, Field(gt=0)] = 30
+
+
+class Playbook(BaseModel):
+    """A validated playbook. Build it with load_playbook() to get path and sha256."""
+
+    model_config = _CONFIG
+
+    experiment: ExperimentName
+    description: str = ""
+    lab: LabSection = LabSection()
+    guest: GuestSection = GuestSection()
+    workload: WorkloadSection = WorkloadSection()
+    migration: MigrationSection = MigrationSection()
+    matrix: dict[str, list[Any]] = {}
+    repetitions: Annotated[int, Field(ge=1)] = 1
+    timeouts: TimeoutsSection = TimeoutsSection()
+
+    _path: Path | None = PrivateAttr(None)
+    _sha256: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_matrix_and_scenarios(self, info: ValidationInfo) -> Playbook:
+        # load_playbook() runs these checks itself to attach line numbers.
+        if info.context and info.context.get("skip_semantic_checks"):
+            return self
+        problems = _matrix_problems(self.matrix) or _scenario_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{_format_loc(p.loc)}: {p.message}" for p in problems))
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        """File the playbook was loaded from, or None when built in code."""
+        return self._path
+
+    @property
+    def sha256(self) -> str | None:
+        """SHA-256 hex digest of the file bytes, or None when built in code."""
+        return self._sha256
+
+    def base_values(self) -> dict[str, Any]:
+        """Return the scenario fields as the base sections set them."""
+        sections = {"guest": self.guest, "workload": self.workload, "migration": self.migration}
+        return {name: getattr(sections[section], name) for name, section in SCENARIO_FIELDS.items()}
+
+    def scenarios(self) -> list[Scenario]:
+        """Expand the matrix into scenarios.
+
+        The order is the cartesian product in matrix key order, with the first
+        key varying slowest.
+        """
+        return [Scenario.model_validate({**values, "scenario_id": scenario_id})
+                for scenario_id, values in _expand(self)]
+
+    def runs(self) -> Iterator[tuple[Scenario, int]]:
+        """Yield (scenario, repetition) pairs in execution order.
+
+        Repetition is the outer loop, so an interrupted experiment has results
+        for every scenario as early as possible. Repetitions count from 1.
+        """
+        scenarios = self.scenarios()
+        for repetition in range(1, self.repetitions + 1):
+            for scenario in scenarios:
+                yield scenario, repetition
+
+
+class PlaybookError(ConfigError):
+    """All problems found in one playbook, with one ConfigError per problem in ``errors``."""
+
+    def __init__(self, errors: list[ConfigError], path: str):
+        self.errors = list(errors)
+        if len(self.errors) == 1:
+            first = self.errors[0]
+            super().__init__(first.args[0], path=first.path, field=first.field, value=first.value,
+                             fix=first.fix, line=first.line)
+        else:
+            listing = "\n".join(f"  - {error}" for error in self.errors)
+            super().__init__(f"invalid playbook, {len(self.errors)} errors:\n{listing}", path=path)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A problem before it gets a line number: field path, message, value, fix."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    value: Any = None
+    fix: str | None = None
+
+    def key(self) -> tuple:
+        return (self.loc, self.message)
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _field_adapter(name: str) -> TypeAdapter:
+    field = Scenario.model_fields[name]
+    annotation = field.annotation
+    if field.metadata:
+        annotation = Annotated[(annotation, *field.metadata)]
+    return TypeAdapter(annotation, config=ConfigDict(strict=True))
+
+
+_FIELD_ADAPTERS = {name: _field_adapter(name) for name in SCENARIO_FIELDS}
+
+
+def _close_match(word: Any, choices: list[str]) -> str | None:
+    matches = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Playbook
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+    "bool_type": "true or false", "dict_type": "a mapping", "model_type": "a mapping",
+    "list_type": "a list",
+}
+
+
+def _describe_pydantic_error(error: dict[str, Any]) -> tuple[str, str | None]:
+    """Turn one pydantic error into (message, fix)."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    loc = error["loc"]
+    field = loc[-1] if loc else None
+
+    if kind == "missing":
+        return "required key is missing", "Add it"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        names = sorted(model.model_fields) if model else []
+        match = _close_match(field, names)
+        fix = f"Did you mean '{match}'?" if match else f"Valid keys: {', '.join(names)}"
+        return "unknown key", fix
+    if kind == "literal_error":
+        is_strategy = field == "strategy" or loc[:2] == ("matrix", "strategy")
+        message = "unknown strategy" if is_strategy else "invalid value"
+        return message, f"Allowed: {ctx.get('expected')}"
+
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]}", None
+    if kind == "greater_than":
+        return f"must be greater than {ctx['gt']}", None
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}", None
+    if kind == "finite_number":
+        return "must be a finite number", None
+    if kind == "string_pattern_mismatch":
+        return ("invalid name", "Use lowercase letters, digits, '_' and '-', starting with a "
+                "letter or digit")
+    if kind == "string_too_long":
+        return f"longer than {ctx['max_length']} characters", None
+    return error["msg"], None
+
+
+def _pydantic_problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[_Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = prefix + tuple(error["loc"])
+        message, fix = _describe_pydantic_error({**error, "loc": loc})
+        if error["type"] == "extra_forbidden":
+            value = loc[-1]
+        elif error["type"] == "missing":
+            value = None
+        else:
+            value = error.get("input")
+        problems.append(_Problem(loc, message, value, fix))
+    return problems
+
+
+def _matrix_problems(matrix: Any) -> list[_Problem]:
+    """Check matrix keys and values one by one; structure errors are pydantic's."""
+    if not isinstance(matrix, dict):
+        return []
+    problems = []
+    allowed = list(SCENARIO_FIELDS)
+    for key, values in matrix.items():
+        if not isinstance(key, str) or not isinstance(values, list):
+            continue
+        if key not in SCENARIO_FIELDS:
+            match = _close_match(key, allowed)
+            fix = (f"Did you mean '{match}'? " if match else "") + f"Allowed: {', '.join(allowed)}"
+            problems.append(_Problem(("matrix", key), "unknown matrix key", key, fix))
+            continue
+        if not values:
+            problems.append(_Problem(("matrix", key), "empty list", values,
+                                     "Give at least one value or remove the key"))
+            continue
+        adapter = _FIELD_ADAPTERS[key]
+        seen: dict[Any, int] = {}
+        for index, value in enumerate(values):
+            try:
+                valid = adapter.validate_python(value)
+            except ValidationError as exc:
+                problems.extend(_pydantic_problems(exc, ("matrix", key, index)))
+                continue
+            if valid in seen:
+                problems.append(_Problem(("matrix", key, index), f"duplicate of matrix.{key}"
+                                         f"[{seen[valid]}]", value, "List each value once"))
+            else:
+                seen[valid] = index
+    return problems
+
+
+def _combination_label(combination: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in combination.items())
+
+
+def _scenario_problems(playbook: Playbook) -> list[_Problem]:
+    """Check what only the merged scenarios show: required fields and cross-field rules."""
+    base = playbook.base_values()
+    matrix = playbook.matrix
+    problems = []
+    for name in REQUIRED_FIELDS:
+        if base[name] is None and name not in matrix:
+            problems.append(_Problem((SCENARIO_FIELDS[name], name), "required key is missing",
+                                     None, f"Set it here or list its values under matrix.{name}"))
+    if problems:
+        return problems
+
+    after_iterations = base["postcopy_after_iterations"]
+    hybrid_listed = "hybrid" in matrix.get("strategy", [base["strategy"]])
+    if after_iterations is not None and not hybrid_listed:
+        problems.append(_Problem(("migration", "postcopy_after_iterations"),
+                                 "applies only to the hybrid strategy, and no scenario uses it",
+                                 after_iterations, "Remove it or add hybrid to matrix.strategy"))
+
+    seen: set[tuple] = set()
+    for combination, values in _combinations(playbook):
+        for fields, message, fix in cross_field_problems(values):
+            if any(name in combination for name in fields):
+                problem = _Problem(("matrix",),
+                                   f"scenario {_combination_label(combination)}: {message}",
+                                   None, fix)
+            else:
+                name = fields[0]
+                problem = _Problem((SCENARIO_FIELDS[name], name), message, base[name], fix)
+            if problem.key() not in seen:
+                seen.add(problem.key())
+                problems.append(problem)
+    return problems
+
+
+def _combinations(playbook: Playbook) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Yield (matrix values, merged scenario values) in matrix order.
+
+    A base postcopy_after_iterations applies only to hybrid scenarios, so that
+    one playbook can compare hybrid with the other strategies.
+    """
+    base = playbook.base_values()
+    keys = list(playbook.matrix)
+    for picked in itertools.product(*(playbook.matrix[key] for key in keys)):
+        combination = {key: _FIELD_ADAPTERS[key].validate_python(value)
+                       for key, value in zip(keys, picked)}
+        values = {**base, **combination}
+        if values["strategy"] != "hybrid" and "postcopy_after_iterations" not in combination:
+            values["postcopy_after_iterations"] = None
+        yield combination, values
+
+
+def _format_id_value(name: str, value: Any) -> str:
+    if value is None:
+        text = _ID_NULL.get(name, "none")
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    elif isinstance(value, float):
+        text = f"{value:g}".replace(".", "p").replace("+", "")
+    else:
+        text = str(value)
+    return _ID_PREFIX[name] + text
+
+
+def _expand(playbook: Playbook) -> list[tuple[str, dict[str, Any]]]:
+    """Return (scenario_id, values) per scenario.
+
+    Ids join the matrix values in matrix order. Ids that collide, which only
+    happens when rounding makes two float values look alike, get a hash of
+    the scenario values as suffix.
+    """
+    pairs = []
+    for combination, values in _combinations(playbook):
+        if combination:
+            scenario_id = "-".join(_format_id_value(name, value)
+                                   for name, value in combination.items())
+        else:
+            scenario_id = values["strategy"]
+        pairs.append((scenario_id, values))
+
+    counts: dict[str, int] = {}
+    for scenario_id, _ in pairs:
+        counts[scenario_id] = counts.get(scenario_id, 0) + 1
+    unique = []
+    for scenario_id, values in pairs:
+        if counts[scenario_id] > 1:
+            digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+            scenario_id = f"{scenario_id}-{digest[:8]}"
+        unique.append((scenario_id, values))
+    return unique
+
+
+def _plain(node: Any) -> Any:
+    """Convert ruamel.yaml round-trip nodes to plain Python values."""
+    if isinstance(node, dict):
+        return {_plain(key): _plain(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_plain(item) for item in node]
+    if isinstance(node, bool) or node is None:
+        return node
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def _line_of(document: Any, loc: tuple[str | int, ...]) -> int | None:
+    """Return the 1-based line of the deepest part of loc found in the document."""
+    node = document
+    line = None
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            line = node.lc.key(part)[0]
+        elif (isinstance(node, CommentedSeq) and isinstance(part, int)
+              and 0 <= part < len(node)):
+            line = node.lc.item(part)[0]
+        else:
+            break
+        node = node[part]
+    return None if line is None else line + 1
+
+
+def _read_yaml(path: Path) -> tuple[bytes, Any]:
+    where = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("playbook not found", path=where,
+                          fix="Check the path, or start from playbooks/quickstart.yaml") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read playbook: {exc.strerror}", path=where) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", path=where,
+                          fix="Save the file as UTF-8") from None
+    try:
+        document = YAML(typ="rt").load(text)
+    except YAMLError as exc:
+        line = None
+        if isinstance(exc, MarkedYAMLError) and exc.problem_mark is not None:
+            line = exc.problem_mark.line + 1
+        message = " ".join(part for part in (getattr(exc, "context", None),
+                                             getattr(exc, "problem", None)) if part)
+        raise ConfigError(f"invalid YAML: {message or exc}", path=where, line=line,
+                          fix="Fix the YAML syntax") from None
+    return data, document
+
+
+def load_playbook(path: str | Path) -> Playbook:
+    """Read and validate a playbook.
+
+    Raises PlaybookError, a ConfigError, listing every problem found, each
+    with file, line, field path, value and the allowed values.
+    """
+    path = Path(path)
+    where = str(path)
+    data, document = _read_yaml(path)
+    if document is None:
+        raise ConfigError("playbook is empty", path=where,
+                          fix="Start from playbooks/quickstart.yaml")
+    if not isinstance(document, CommentedMap):
+        raise ConfigError("top level must be a mapping of keys such as experiment and matrix",
+                          path=where, line=1, value=type(document).__name__)
+
+    raw = _plain(document)
+    problems: list[_Problem] = []
+    playbook = None
+    try:
+        playbook = Playbook.model_validate(raw, context={"skip_semantic_checks": True})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc))
+    problems.extend(_matrix_problems(raw.get("matrix")))
+    if playbook is not None and not problems:
+        problems.extend(_scenario_problems(playbook))
+
+    if problems:
+        errors = [ConfigError(problem.message, path=where, field=_format_loc(problem.loc),
+                              value=problem.value, fix=problem.fix,
+                              line=_line_of(document, problem.loc))
+                  for problem in problems]
+        errors.sort(key=lambda error: error.line or 0)
+        raise PlaybookError(errors, where)
+
+    playbook._path = path
+    playbook._sha256 = hashlib.sha256(data).hexdigest()
+    log.debug("loaded playbook %s: experiment %s, %d scenarios", path, playbook.experiment,
+              len(playbook.scenarios()))
+    return playbook
