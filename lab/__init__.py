@@ -31,3 +31,16 @@ probe
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``lab.load_runs(path)`` loads an experiment into pandas; the import is
+    # deferred so that ``migrlab`` starts without loading pandas.
+    if name == "load_runs":
+        from lab.store import load_runs
+
+        return load_runs
+    raise AttributeError(f"module 'lab' has no attribute {name!r}")
+
+
+__all__ = ["load_runs", "__version__"]

@@ -51,9 +51,17 @@ def _constant_names(prefix: str) -> dict[int, str]:
     return names
 
 
-LIFECYCLE_EVENTS = {k: v for k, v in _constant_names("VIR_DOMAIN_EVENT_").items()
-                    if v in ("defined", "undefined", "started", "suspended", "resumed",
-                             "stopped", "shutdown", "pmsuspended", "crashed")}
+LIFECYCLE_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
 _LIFECYCLE_DETAILS = {
     libvirt.VIR_DOMAIN_EVENT_STARTED: _constant_names("VIR_DOMAIN_EVENT_STARTED_"),
     libvirt.VIR_DOMAIN_EVENT_SUSPENDED: _constant_names("VIR_DOMAIN_EVENT_SUSPENDED_"),
@@ -131,6 +139,7 @@ class MigrationResult:
     started_at: float  # wall clock, seconds since the epoch
     wall_total_ms: float
     wall_downtime_ms: float | None = None
+    transfer_time_ms: float | None = None
     switchover_at_s: float | None = None
     postcopy_started_at_s: float | None = None
     warnings: list[str] = field(default_factory=list)
@@ -402,6 +411,11 @@ class Migration:
                    or _first_event(events, destination, "started", ("migrated",), suspended_s))
         if resumed is not None:
             result.wall_downtime_ms = (resumed.t_s - suspended_s) * 1000.0
+        # The destination's last resume marks the end of the transfer: after
+        # postcopy, libvirt emits "resumed/migrated" once every page arrived.
+        resumes = [e for e in events if e.host == destination and e.kind == "resumed" and e.t_s >= suspended_s]
+        if resumes:
+            result.transfer_time_ms = resumes[-1].t_s * 1000.0
         if postcopy_requested_at is not None:
             postcopy = _first_event(events, source, "suspended", ("postcopy",))
             result.postcopy_started_at_s = postcopy.t_s if postcopy else postcopy_requested_at

@@ -138,6 +138,9 @@ class Measured(BaseModel):
         None, description="from the migration call to its return")
     wall_downtime_ms: NonNegativeFloat | None = Field(
         None, description="source suspended to destination resumed, from lifecycle events")
+    transfer_time_ms: NonNegativeFloat | None = Field(
+        None, description="from the migration call until the destination ran with all memory; for "
+                          "postcopy this includes the postcopy phase, which QEMU's total time leaves out")
     switchover_at_s: NonNegativeFloat | None = None
     postcopy_started_at_s: NonNegativeFloat | None = None
     phases: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]+_s$")], NonNegativeFloat] = {}

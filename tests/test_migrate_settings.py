@@ -64,3 +64,16 @@ def test_first_event_respects_host_and_time():
     assert _first_event(events, "h2", "resumed", ("migrated",), after_s=0.5).t_s == 1.0
     assert _first_event(events, "h2", "resumed", ("migrated",), after_s=1.5).t_s == 2.0
     assert _first_event(events, "h1", "resumed", ("migrated",)) is None
+
+
+def test_lifecycle_names_match_libvirt_constants():
+    from lab.migrate import _LIFECYCLE_DETAILS, LIFECYCLE_EVENTS
+
+    assert LIFECYCLE_EVENTS[libvirt.VIR_DOMAIN_EVENT_SUSPENDED] == "suspended"
+    assert LIFECYCLE_EVENTS[libvirt.VIR_DOMAIN_EVENT_RESUMED] == "resumed"
+    assert LIFECYCLE_EVENTS[libvirt.VIR_DOMAIN_EVENT_STARTED] == "started"
+    suspended = _LIFECYCLE_DETAILS[libvirt.VIR_DOMAIN_EVENT_SUSPENDED]
+    assert suspended[libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY] == "postcopy"
+    assert suspended[libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED] == "migrated"
+    resumed = _LIFECYCLE_DETAILS[libvirt.VIR_DOMAIN_EVENT_RESUMED]
+    assert resumed[libvirt.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY] == "postcopy"

@@ -1,0 +1,310 @@
+"""Run a playbook's matrix on a lab: boot, migrate, check, store, repeat.
+
+Each run boots a fresh guest on the source host, waits until its workload
+reports, migrates it with the scenario's strategy, checks that the guest is
+alive and its memory intact on the destination, removes the guest and
+writes the run record atomically before the next run starts. Runs go in
+repetition-major order, so an interrupted experiment still covers every
+scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import libvirt
+
+from lab import domain, store
+from lab.accel import choose_accelerator
+from lab.environment import describe
+from lab.errors import LabError
+from lab.events import open_connection
+from lab.guest.console import scan_console
+from lab.guest.image import GuestImage, build_image, kernel_cmdline
+from lab.hosts.local import HostInfo, LocalLab
+from lab.migrate import Migration, MigrationResult, MigrationSettings
+from lab.playbook import Playbook, Scenario
+from lab.records import Environment, Integrity, Measured, MigrationStats, RunRecord, make_timeline
+
+log = logging.getLogger(__name__)
+
+GUEST_ADDRESS_OFFSET = 100
+# Progress reports the guest must print on the destination before it counts as alive.
+REPORTS_AFTER_MIGRATION = 3
+REPORTS_BEFORE_MIGRATION = 2
+
+
+@dataclass
+class ExperimentSummary:
+    """What one call of :meth:`ExperimentRunner.run` did."""
+
+    experiment_dir: Path
+    outcomes: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class Interrupted(LabError):
+    """Ctrl-C or SIGTERM arrived during an experiment."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def console_path(host: HostInfo, guest_name: str) -> Path:
+    return Path(host.log_dir) / "qemu" / f"{guest_name}-console.log"
+
+
+def read_console(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for_reports(path: Path, *, after_seq: int, count: int, timeout_s: float,
+                     dom: libvirt.virDomain | None = None) -> tuple[int, int]:
+    """Wait until *path* shows *count* workload reports numbered above *after_seq*.
+
+    Returns the number of such reports seen and the highest sequence number.
+    Gives up early when *dom* stops running.
+    """
+    end = time.monotonic() + timeout_s
+    while True:
+        reports = [r for r in scan_console(read_console(path)).reports if r.seq > after_seq]
+        last_seq = max((r.seq for r in reports), default=after_seq)
+        if len(reports) >= count or time.monotonic() >= end:
+            return len(reports), last_seq
+        if dom is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if not dom.isActive():
+                    return len(reports), last_seq
+        time.sleep(0.25)
+
+
+class ExperimentRunner:
+    """Run every scenario and repetition of a playbook on a local lab."""
+
+    def __init__(self, playbook: Playbook, *, results_root: Path, lab: LocalLab | None = None,
+                 accelerator: str = "auto", show_progress: bool = True):
+        self.playbook = playbook
+        self.results_root = results_root
+        self.lab = lab or LocalLab()
+        self.accelerator_request = accelerator
+        self.show_progress = show_progress
+        self._migration: Migration | None = None
+
+    # -- setup -------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.lab.up(hosts=self.playbook.lab.hosts)
+        hosts = [h for h in self.lab.hosts() if h.is_libvirt_host]
+        self.source_host, self.destination_host = hosts[0], hosts[1]
+        self.image: GuestImage = build_image()
+        self.source = open_connection(self.source_host.libvirt_uri)
+        self.destination = open_connection(self.destination_host.libvirt_uri)
+        probe = self._guest_spec("mlab-accel-probe", "accelerator-probe", self._probe_scenario(), "kvm")
+        self.accelerator, reason = choose_accelerator(
+            self.source, probe, console_path(self.source_host, probe.name), self.lab.root,
+            requested=self.accelerator_request)
+        log.info("accelerator: %s (%s)", self.accelerator, reason)
+        self.environment = Environment(**describe(
+            self.source, accelerator=self.accelerator, guest_image_digest=self.image.digest,
+            guest_kernel_version=self.image.kernel_version, playbook_sha256=self.playbook.sha256))
+
+    def _probe_scenario(self) -> Scenario:
+        return self.playbook.scenarios()[0]
+
+    def _guest_spec(self, name: str, run_id: str, scenario: Scenario, accelerator: str) -> domain.GuestSpec:
+        address = f"{self.lab.guest_address(GUEST_ADDRESS_OFFSET)}/{self.lab.network.prefixlen}"
+        cmdline = kernel_cmdline(scenario.working_set_mib, scenario.dirty_rate_mib_s, scenario.pattern, ip=address)
+        return domain.GuestSpec(
+            name=name, run_id=run_id, memory_mib=scenario.memory_mib, vcpus=scenario.vcpus,
+            kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline,
+            accelerator=accelerator, bridge=self.source_host.guest_bridge,
+            mac=domain.guest_mac(GUEST_ADDRESS_OFFSET))
+
+    def _close(self) -> None:
+        for conn in (getattr(self, "source", None), getattr(self, "destination", None)):
+            if conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+
+    # -- the matrix ----------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> ExperimentSummary:
+        experiment_dir = store.init_experiment(self.results_root, self.playbook, resume=resume)
+        summary = ExperimentSummary(experiment_dir)
+        finished = store.finished_run_ids(experiment_dir) if resume else set()
+        plan = list(self.playbook.runs())
+        with _sigterm_as_interrupt():
+            try:
+                self._prepare()
+                self._run_plan(plan, finished, experiment_dir, summary)
+            except KeyboardInterrupt:
+                summary.interrupted = True
+                if self._migration is not None:
+                    self._migration.cancel()
+            finally:
+                self._close()
+        return summary
+
+    def _run_plan(self, plan, finished, experiment_dir: Path, summary: ExperimentSummary) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        todo = [(scenario, repetition) for scenario, repetition in plan
+                if store.run_id(scenario, repetition) not in finished]
+        summary.skipped = [store.run_id(s, r) for s, r in plan if store.run_id(s, r) in finished]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, disable=not self.show_progress, transient=False) as progress:
+            task = progress.add_task(self.playbook.experiment, total=len(todo))
+            for index, (scenario, repetition) in enumerate(todo, start=1):
+                run_id = store.run_id(scenario, repetition)
+                progress.update(task, description=f"{run_id} ({index}/{len(todo)})")
+                record, timeline, events, files = self.run_one(scenario, repetition, index)
+                store.write_run(experiment_dir, record, timeline, events, files)
+                summary.outcomes[run_id] = record.outcome
+                log.info("run %s: %s", run_id, record.outcome)
+                progress.advance(task)
+
+    # -- one run -------------------------------------------------------------
+
+    def run_one(self, scenario: Scenario, repetition: int, index: int):
+        """Boot, migrate, check and remove one guest; return what to store."""
+        run_id = store.run_id(scenario, repetition)
+        name = f"{domain.NAME_PREFIX}{index:03d}-{secrets.token_hex(3)}"
+        spec = self._guest_spec(name, run_id, scenario, self.accelerator)
+        source_console = console_path(self.source_host, name)
+        destination_console = console_path(self.destination_host, name)
+        started_at = datetime.now(timezone.utc)
+        phases: dict[str, float] = {}
+        warnings: list[str] = []
+        result: MigrationResult | None = None
+        integrity = Integrity(guest_alive=False, reports_after_migration=0, bad_pages=0,
+                              console_trouble=[], checked_pages=0)
+        outcome, error = "failed", None
+        dom = None
+        try:
+            t = time.monotonic()
+            dom = domain.boot(self.source, spec)
+            seen, last_seq = wait_for_reports(source_console, after_seq=-1, count=REPORTS_BEFORE_MIGRATION,
+                                              timeout_s=self.playbook.timeouts.guest_boot_s, dom=dom)
+            phases["boot_s"] = time.monotonic() - t
+            if seen < REPORTS_BEFORE_MIGRATION:
+                raise LabError(f"guest {name} did not start its workload within "
+                               f"{self.playbook.timeouts.guest_boot_s:.0f} s on {self.source_host.name}")
+
+            t = time.monotonic()
+            settings = MigrationSettings(
+                strategy=scenario.strategy, migration_uri=self.destination_host.migration_uri,
+                bandwidth_mib_s=scenario.bandwidth_mib_s, downtime_limit_ms=scenario.downtime_limit_ms,
+                max_time_s=scenario.max_time_s, postcopy_after_iterations=scenario.postcopy_after_iterations)
+            self._migration = Migration(dom, self.source, self.destination, settings,
+                                        source_name=self.source_host.name,
+                                        destination_name=self.destination_host.name)
+            try:
+                result = self._migration.run()
+            finally:
+                self._migration = None
+            phases["migration_s"] = time.monotonic() - t
+            warnings.extend(result.warnings)
+
+            t = time.monotonic()
+            outcome, error, integrity = self._check_guest(result, dom, source_console, destination_console,
+                                                          last_seq)
+            phases["integrity_s"] = time.monotonic() - t
+        except KeyboardInterrupt:
+            raise
+        except (LabError, libvirt.libvirtError) as exc:
+            error = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            log.error("run %s failed: %s", run_id, error)
+        finally:
+            self._remove_guest(name)
+
+        files = {}
+        for host, path in ((self.source_host, source_console), (self.destination_host, destination_console)):
+            if path.exists():
+                files[f"console-{host.name}.log"] = path.read_bytes()
+                path.unlink()
+        record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
+                              phases, warnings)
+        timeline = make_timeline(result.samples if result else [])
+        events = [event.as_dict() for event in result.events] if result else []
+        return record, timeline, events, files
+
+    def _check_guest(self, result: MigrationResult, source_dom, source_console: Path,
+                     destination_console: Path, last_seq: int):
+        """Decide the run's outcome from the migration result and the guest's own reports."""
+        timeout = self.playbook.timeouts.integrity_s
+        if result.outcome == "completed":
+            console, dom, outcome, error = destination_console, result.destination_domain, "completed", None
+        else:
+            # The guest must still run on the source after a failed or cancelled migration.
+            console, dom, outcome, error = source_console, source_dom, result.outcome, result.error
+        seen, _ = wait_for_reports(console, after_seq=last_seq, count=REPORTS_AFTER_MIGRATION,
+                                   timeout_s=timeout, dom=dom)
+        summary = scan_console(read_console(console))
+        trouble = list(summary.kernel_trouble)
+        if summary.workload_exit_status is not None:
+            trouble.append(f"the workload exited with status {summary.workload_exit_status}")
+        last = summary.last_report
+        bad_pages = last.bad if last else 0
+        integrity = Integrity(guest_alive=seen >= REPORTS_AFTER_MIGRATION, reports_after_migration=seen,
+                              bad_pages=bad_pages, console_trouble=trouble,
+                              checked_pages=last.checked if last else 0)
+        if trouble:
+            return "guest-crashed", f"kernel trouble on the console: {trouble[0]}", integrity
+        if bad_pages or summary.bad_lines:
+            return "memory-corrupt", f"the workload found {bad_pages} bad pages", integrity
+        if not integrity.guest_alive:
+            where = "destination" if result.outcome == "completed" else "source"
+            message = (f"the guest printed {seen} workload reports on the {where} within {timeout:.0f} s, "
+                       f"expected {REPORTS_AFTER_MIGRATION}")
+            return "guest-lost", message if error is None else f"{error}; {message}", integrity
+        return outcome, error, integrity
+
+    def _remove_guest(self, name: str) -> None:
+        for conn in (self.source, self.destination):
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            try:
+                domain.destroy(dom)
+            except LabError as exc:
+                log.error("could not remove guest %s: %s", name, exc)
+
+    def _record(self, run_id, scenario, repetition, started_at, outcome, error, result, integrity, phases,
+                warnings) -> RunRecord:
+        stats = MigrationStats.from_libvirt(result.completed_stats if result else {})
+        measured = Measured(
+            wall_total_ms=result.wall_total_ms if result else None,
+            wall_downtime_ms=result.wall_downtime_ms if result else None,
+            transfer_time_ms=result.transfer_time_ms if result else None,
+            switchover_at_s=result.switchover_at_s if result else None,
+            postcopy_started_at_s=result.postcopy_started_at_s if result else None,
+            phases=phases)
+        return RunRecord(
+            experiment=self.playbook.experiment, run_id=run_id, scenario_id=scenario.scenario_id,
+            scenario=scenario.values(), repetition=repetition, source_host=self.source_host.name,
+            destination_host=self.destination_host.name, started_at=started_at,
+            ended_at=datetime.now(timezone.utc), outcome=outcome, error=error, stats=stats, measured=measured,
+            integrity=integrity, environment=self.environment, warnings=warnings)
