@@ -29,7 +29,9 @@ from lab.events import open_connection
 from lab.guest.console import scan_console
 from lab.guest.image import GuestImage, build_image, kernel_cmdline
 from lab.hosts.local import HostInfo, LocalLab
+
 from lab.migrate import Migration, MigrationResult, MigrationSettings
+from lab.paths import state_dir
 from lab.playbook import Playbook, Scenario
 from lab.records import Environment, Integrity, Measured, MigrationStats, RunRecord, make_timeline
 
@@ -121,7 +123,7 @@ class ExperimentRunner:
         self.destination = open_connection(self.destination_host.libvirt_uri)
         probe = self._guest_spec("mlab-accel-probe", "accelerator-probe", self._probe_scenario(), "kvm")
         self.accelerator, reason = choose_accelerator(
-            self.source, probe, console_path(self.source_host, probe.name), self.lab.root,
+            self.source, probe, console_path(self.source_host, probe.name), state_dir(),
             requested=self.accelerator_request)
         log.info("accelerator: %s (%s)", self.accelerator, reason)
         self.environment = Environment(**describe(
