@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from lab.errors import LabError
@@ -30,7 +31,7 @@ class LabGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LabError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             err_console.print("interrupted")
