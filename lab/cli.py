@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,19 @@ def main(verbose: int) -> None:
 
 # -- lab ---------------------------------------------------------------------
 
+def local_lab():
+    """Return the local lab this command works on.
+
+    ``MIGRLAB_LAB_DIR`` and ``MIGRLAB_LAB_PREFIX`` select another lab than the
+    default one (``$MIGRLAB_STATE/lab``, namespaces ``migrlab-*``), for example
+    the one a test session brought up.
+    """
+    from lab.hosts.local import LocalLab
+
+    root = os.environ.get("MIGRLAB_LAB_DIR")
+    return LocalLab(root=Path(root) if root else None, prefix=os.environ.get("MIGRLAB_LAB_PREFIX", "migrlab"))
+
+
 @main.group("lab")
 def lab_group() -> None:
     """Start, inspect and remove the local lab (hosts in namespaces)."""
@@ -62,19 +76,24 @@ def lab_group() -> None:
               help="Number of libvirt hosts.")
 def lab_up(hosts: int) -> None:
     """Bring up the local lab; does nothing for hosts already up."""
-    from lab.hosts.local import LocalLab
-
-    state = LocalLab().up(hosts=hosts)
+    lab_instance = local_lab()
+    state = lab_instance.up(hosts=hosts)
     console.print(f"lab up: {len(state.hosts)} hosts")
-    _print_hosts(LocalLab())
+    _print_hosts(lab_instance)
 
 
 @lab_group.command("down")
-def lab_down() -> None:
+@click.option("--force", is_flag=True, help="Remove the lab even while an experiment runs on it.")
+def lab_down(force: bool) -> None:
     """Remove every process, link, mount and directory of the local lab."""
-    from lab.hosts.local import LocalLab
+    from lab.locking import experiment_lock
 
-    removed = LocalLab().down()
+    lab_instance = local_lab()
+    if force:
+        removed = lab_instance.down()
+    else:
+        with experiment_lock(lab_instance.prefix):
+            removed = lab_instance.down()
     if not removed:
         console.print("nothing to remove")
     for item in removed:
@@ -84,9 +103,7 @@ def lab_down() -> None:
 @lab_group.command("status")
 def lab_status() -> None:
     """Show the lab's hosts, daemons, guests and any leftovers."""
-    from lab.hosts.local import LocalLab
-
-    status = LocalLab().status()
+    status = local_lab().status()
     console.print(status.render() if hasattr(status, "render") else status)
 
 
@@ -151,7 +168,7 @@ def run(playbook: Path, results_root: Path, resume: bool, accelerator: str, make
     from lab.runner import ExperimentRunner
 
     book = load_playbook(playbook)
-    runner = ExperimentRunner(book, results_root=results_root, accelerator=accelerator,
+    runner = ExperimentRunner(book, results_root=results_root, lab=local_lab(), accelerator=accelerator,
                               show_progress=sys.stderr.isatty())
     summary = runner.run(resume=resume)
     counts: dict[str, int] = {}
@@ -167,6 +184,33 @@ def run(playbook: Path, results_root: Path, resume: bool, accelerator: str, make
     if make_report:
         for path in write_report(summary.experiment_dir):
             console.print(f"wrote {path}")
+
+
+@main.command("clean")
+@click.option("--results", "results_root", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="Results folder whose half-written runs are deleted.")
+def clean(results_root: Path) -> None:
+    """Remove guests, console logs and half-written runs that a killed run left behind.
+
+    Only guests with the harness's ownership mark are destroyed. The lab
+    itself stays up; 'migrlab lab down' removes it.
+    """
+    from lab.cleanup import clean_hosts
+    from lab.locking import experiment_lock
+    from lab.store import remove_partial_writes
+
+    lab_instance = local_lab()
+    with experiment_lock(lab_instance.prefix):
+        report = clean_hosts(lab_instance)
+    removed = report.removed + [f"half-written run {path}" for path in remove_partial_writes(results_root)]
+    for item in removed:
+        console.print(f"removed {item}")
+    for item in report.foreign:
+        console.print(f"left {item}: it has no migration-lab ownership mark")
+    if not removed:
+        console.print("nothing to remove")
+    if report.failures:
+        raise LabError("clean could not remove everything: " + "; ".join(report.failures))
 
 
 @main.command("report")

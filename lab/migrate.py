@@ -245,6 +245,7 @@ class Migration:
         self.source_name = source_name
         self.destination_name = destination_name
         self._cancel = threading.Event()
+        self.interrupted = False
 
     def cancel(self) -> None:
         """Ask the running migration to stop; safe to call from a signal handler."""
@@ -288,26 +289,35 @@ class Migration:
         cancel_reason = None
         cancelled_at = None
         while worker.is_alive():
-            now = time.monotonic() - t0
-            stats = self._job_stats()
-            if stats and _job_active(stats):
-                samples.append(_sample(stats, now, self.source_name))
-                if postcopy_requested_at is None and self._should_switch(stats):
-                    if self._start_postcopy():
-                        postcopy_requested_at = now
-            if cancel_reason is None:
+            try:
+                now = time.monotonic() - t0
+                stats = self._job_stats()
+                if stats and _job_active(stats):
+                    samples.append(_sample(stats, now, self.source_name))
+                    if postcopy_requested_at is None and self._should_switch(stats):
+                        if self._start_postcopy():
+                            postcopy_requested_at = now
+                if cancel_reason is None:
+                    if self._cancel.is_set():
+                        cancel_reason = "cancelled"
+                    elif now > settings.max_time_s:
+                        cancel_reason = "timed-out"
+                    if cancel_reason is not None:
+                        cancelled_at = now
+                        self._abort(in_postcopy=postcopy_requested_at is not None, warnings=warnings)
+                elif cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
+                    raise MigrationError(
+                        f"migration of {self.domain.name()} did not stop within {CANCEL_GRACE_S:.0f} s of "
+                        "being cancelled; run 'migrlab lab down' to kill the lab's processes")
+                worker.join(SAMPLE_INTERVAL_S)
+            except KeyboardInterrupt:
                 if self._cancel.is_set():
-                    cancel_reason = "cancelled"
-                elif now > settings.max_time_s:
-                    cancel_reason = "timed-out"
-                if cancel_reason is not None:
-                    cancelled_at = now
-                    self._abort(in_postcopy=postcopy_requested_at is not None, warnings=warnings)
-            elif cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
-                raise MigrationError(
-                    f"migration of {self.domain.name()} did not stop within {CANCEL_GRACE_S:.0f} s of "
-                    "being cancelled; run 'migrlab lab down' to kill the lab's processes")
-            worker.join(SAMPLE_INTERVAL_S)
+                    raise  # a second Ctrl-C stops waiting for the cancellation
+                # The first Ctrl-C cancels the job and keeps sampling until it
+                # ends, so the run is recorded as cancelled with what it measured.
+                log.warning("interrupted: cancelling the migration of %s", self.domain.name())
+                self.interrupted = True
+                self._cancel.set()
 
         wall_total_ms = (time.monotonic() - t0) * 1000.0
         new_domain = outcome_box.get("domain")

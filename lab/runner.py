@@ -31,6 +31,7 @@ from lab.guest.image import GuestImage, build_image, kernel_cmdline
 from lab.hosts.local import HostInfo, LocalLab
 
 from lab.migrate import Migration, MigrationResult, MigrationSettings
+from lab.locking import experiment_lock
 from lab.paths import state_dir
 from lab.playbook import Playbook, Scenario
 from lab.records import Environment, Integrity, Measured, MigrationStats, RunRecord, make_timeline
@@ -111,6 +112,7 @@ class ExperimentRunner:
         self.accelerator_request = accelerator
         self.show_progress = show_progress
         self._migration: Migration | None = None
+        self._interrupted = False
 
     # -- setup -------------------------------------------------------------
 
@@ -153,9 +155,9 @@ class ExperimentRunner:
     def run(self, *, resume: bool = False) -> ExperimentSummary:
         experiment_dir = store.init_experiment(self.results_root, self.playbook, resume=resume)
         summary = ExperimentSummary(experiment_dir)
-        finished = store.finished_run_ids(experiment_dir) if resume else set()
+        finished = self._finished_runs(experiment_dir) if resume else set()
         plan = list(self.playbook.runs())
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), experiment_lock(self.lab.prefix):
             try:
                 self._prepare()
                 self._run_plan(plan, finished, experiment_dir, summary)
@@ -166,6 +168,15 @@ class ExperimentRunner:
             finally:
                 self._close()
         return summary
+
+    @staticmethod
+    def _finished_runs(experiment_dir: Path) -> set[str]:
+        """Return the stored runs that resume skips: all but those cancelled by Ctrl-C."""
+        finished = set()
+        for run_id in store.finished_run_ids(experiment_dir):
+            if store.load_record(experiment_dir / "runs" / run_id).outcome != "cancelled":
+                finished.add(run_id)
+        return finished
 
     def _run_plan(self, plan, finished, experiment_dir: Path, summary: ExperimentSummary) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -186,6 +197,9 @@ class ExperimentRunner:
                 summary.outcomes[run_id] = record.outcome
                 log.info("run %s: %s", run_id, record.outcome)
                 progress.advance(task)
+                if self._interrupted:
+                    # Ctrl-C cancelled this run's migration; it is stored, and the matrix stops here.
+                    raise KeyboardInterrupt
 
     # -- one run -------------------------------------------------------------
 
@@ -224,6 +238,7 @@ class ExperimentRunner:
                                         destination_name=self.destination_host.name)
             try:
                 result = self._migration.run()
+                self._interrupted = self._migration.interrupted
             finally:
                 self._migration = None
             phases["migration_s"] = time.monotonic() - t

@@ -19,6 +19,7 @@ a dot are never runs.
 from __future__ import annotations
 
 import ctypes
+import difflib
 import errno
 import json
 import logging
@@ -146,12 +147,24 @@ def read_experiment_file(experiment_dir: str | Path) -> dict[str, Any]:
         raise StoreError(f"{path}: invalid JSON: {exc}") from exc
 
 
-def _remove_leftovers(runs_dir: Path) -> None:
-    """Delete temporary folders that a killed writer left behind."""
+def _remove_leftovers(runs_dir: Path) -> list[Path]:
+    """Delete temporary folders that a killed writer left behind and return them."""
+    removed = []
     for entry in runs_dir.iterdir():
         if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
             log.warning("removing leftover folder %s of an interrupted write", entry)
             shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def remove_partial_writes(results_root: str | Path) -> list[Path]:
+    """Delete half-written run folders under every experiment of a results folder."""
+    removed: list[Path] = []
+    for runs_dir in sorted(Path(results_root).glob(f"*/{RUNS_DIR}")):
+        if runs_dir.is_dir():
+            removed.extend(_remove_leftovers(runs_dir))
+    return removed
 
 
 def init_experiment(results_root: str | Path, playbook: Playbook, *,
@@ -174,7 +187,8 @@ def init_experiment(results_root: str | Path, playbook: Playbook, *,
         if existing.get("playbook_sha256") != playbook.sha256:
             raise ConfigError(
                 f"results folder {experiment_dir} contains runs of another version of this "
-                f"playbook (sha256 {existing.get('playbook_sha256')})",
+                f"playbook (sha256 {existing.get('playbook_sha256')}). What changed:\n"
+                + _playbook_diff(experiment_dir / PLAYBOOK_COPY, playbook.path),
                 path=str(playbook.path), field="experiment", value=playbook.experiment,
                 fix="Give the experiment a new name, or move the old results folder away")
         runs_dir.mkdir(exist_ok=True)
@@ -200,6 +214,20 @@ def init_experiment(results_root: str | Path, playbook: Playbook, *,
     _fsync_dir(experiment_dir.parent)
     log.info("created experiment folder %s", experiment_dir)
     return experiment_dir
+
+
+def _playbook_diff(stored: Path, current: Path, max_lines: int = 40) -> str:
+    """Return a unified diff from the stored playbook copy to the current file."""
+    try:
+        before = stored.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return "(the stored copy of the playbook is missing)"
+    after = current.read_text(encoding="utf-8").splitlines()
+    lines = list(difflib.unified_diff(before, after, fromfile=f"{stored} (stored)", tofile=str(current),
+                                      lineterm=""))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... {len(lines) - max_lines} more lines"]
+    return "\n".join(lines)
 
 
 def run_id(scenario: Scenario | str, repetition: int) -> str:

@@ -120,8 +120,11 @@ def test_init_rejects_changed_playbook(experiment, tmp_path):
     changed_folder.mkdir()
     changed = write_playbook(changed_folder, PLAYBOOK_TEXT.replace("repetitions: 3",
                                                                    "repetitions: 5"))
-    with pytest.raises(ConfigError, match="another version of this playbook"):
+    with pytest.raises(ConfigError, match="another version of this playbook") as caught:
         init_experiment(experiment_dir.parent, changed)
+    message = str(caught.value)
+    assert "-repetitions: 3" in message
+    assert "+repetitions: 5" in message
 
 
 def test_init_needs_loaded_playbook(tmp_path):
