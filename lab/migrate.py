@@ -277,7 +277,7 @@ class Migration:
         def migrate() -> None:
             try:
                 outcome_box["domain"] = self.domain.migrate3(self.destination, settings.params(), settings.flags())
-            except libvirt.libvirtError as exc:
+            except Exception as exc:  # noqa: BLE001 - reported as the run's error, not lost with the thread
                 outcome_box["error"] = exc
 
         worker = threading.Thread(target=migrate, name=f"migrate-{self.domain.name()}", daemon=True)
@@ -328,11 +328,14 @@ class Migration:
             recorder.completed.wait(COMPLETED_EVENT_WAIT_S)
         events = recorder.snapshot()
 
+        if cancel_reason is None and self._cancel.is_set():
+            cancel_reason = "cancelled"
         if error is not None:
             outcome = cancel_reason or "failed"
-            message = error.get_error_message() if isinstance(error, libvirt.libvirtError) else str(error)
+            message = error.get_error_message() if isinstance(error, libvirt.libvirtError) \
+                else f"{type(error).__name__}: {error}"
         elif new_domain is None:
-            outcome, message = "failed", "virDomainMigrate3 returned no domain"
+            outcome, message = cancel_reason or "failed", "virDomainMigrate3 returned no domain"
         else:
             outcome, message = "completed", None
         if outcome == "completed" and cancel_reason is not None:
