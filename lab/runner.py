@@ -33,6 +33,7 @@ from lab.hosts.local import HostInfo, LocalLab
 from lab.migrate import Migration, MigrationResult, MigrationSettings
 from lab.locking import experiment_lock
 from lab.paths import state_dir
+from lab.preflight import available_memory_mib, check_guest_memory, check_results_writable
 from lab.playbook import Playbook, Scenario
 from lab.records import Environment, Integrity, Measured, MigrationStats, RunRecord, make_timeline
 
@@ -153,6 +154,8 @@ class ExperimentRunner:
     # -- the matrix ----------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> ExperimentSummary:
+        check_guest_memory(self.playbook, available_memory_mib())
+        check_results_writable(self.results_root)
         experiment_dir = store.init_experiment(self.results_root, self.playbook, resume=resume)
         summary = ExperimentSummary(experiment_dir)
         finished = self._finished_runs(experiment_dir) if resume else set()
