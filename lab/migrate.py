@@ -288,6 +288,7 @@ class Migration:
         postcopy_requested_at = None
         cancel_reason = None
         cancelled_at = None
+        resumed_early = False
         while worker.is_alive():
             try:
                 now = time.monotonic() - t0
@@ -309,6 +310,8 @@ class Migration:
                     raise MigrationError(
                         f"migration of {self.domain.name()} did not stop within {CANCEL_GRACE_S:.0f} s of "
                         "being cancelled; run 'migrlab lab down' to kill the lab's processes")
+                if paused_at_s is not None and not resumed_early:
+                    resumed_early = self._resume_when_destination_ready(recorder)
                 worker.join(SAMPLE_INTERVAL_S)
             except KeyboardInterrupt:
                 if self._cancel.is_set():
@@ -390,6 +393,28 @@ class Migration:
             self.domain.abortJob()
         except libvirt.libvirtError as exc:
             log.warning("cancelling the migration of %s failed: %s", self.domain.name(), exc)
+
+    def _resume_when_destination_ready(self, recorder: _EventRecorder) -> bool:
+        """Resume a stop-and-copy guest once the destination holds all of it.
+
+        The destination reports the guest paused once all of its state has
+        arrived. Resuming then, instead of after virDomainMigrate3 returns,
+        can save the source's Confirm phase (1.6 to 1.8 s with libvirt 11.3);
+        libvirt may still hold the resume until its incoming migration job
+        ends, and the paused time recorded is the one the guest really had.
+        """
+        events = recorder.snapshot()
+        if _first_event(events, self.destination_name, "suspended", ("paused",)) is None:
+            return False
+        try:
+            dom = self.destination.lookupByName(self.domain.name())
+            require_owned(dom)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        except libvirt.libvirtError as exc:
+            log.debug("early resume of %s on the destination failed: %s", self.domain.name(), exc)
+            return False
+        return True
 
     def _resume_after_stop_and_copy(self, new_domain: libvirt.virDomain) -> None:
         state, _reason = new_domain.state()
