@@ -90,7 +90,7 @@ def test_quickstart_runs_repetition_outer():
 
 def test_base_iterations_apply_only_to_hybrid():
     by_id = {scenario.scenario_id: scenario for scenario in load_playbook(QUICKSTART).scenarios()}
-    assert by_id["hybrid-rate4"].postcopy_after_iterations == 2
+    assert by_id["hybrid-rate4"].postcopy_after_iterations == 1
     assert by_id["precopy-rate4"].postcopy_after_iterations is None
     assert by_id["postcopy-rate24"].postcopy_after_iterations is None
 
