@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CleanupReport:
-    """What :func:`clean_hosts` removed and what it left because it is not the harness's."""
+    """Items that :func:`clean_hosts` removed, left alone as foreign, or failed to remove."""
 
     removed: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)

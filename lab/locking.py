@@ -1,9 +1,9 @@
 """One experiment at a time per lab.
 
 Two experiments on one lab would boot guests with the same address and MAC,
-and ``migrlab clean`` would destroy a running experiment's guests, so
-``migrlab run`` holds an exclusive lock on the lab for its whole duration and
-``clean`` refuses while it is held. The lock is an flock, which the kernel
+and ``migrlab clean`` would destroy a running experiment's guests. So
+``migrlab run`` holds an exclusive lock on the lab for its whole duration,
+and ``clean`` and ``lab down`` refuse while it is held. The lock is an flock, which the kernel
 releases when the process dies, so a killed harness leaves no stale lock.
 """
 

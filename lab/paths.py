@@ -1,4 +1,4 @@
-"""Where the harness keeps its state on the machine that runs it.
+"""Locations of the harness's state on the machine that runs it.
 
 Everything lives under one directory, ``/var/lib/migrlab`` unless the
 ``MIGRLAB_STATE`` environment variable names another:

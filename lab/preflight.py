@@ -9,8 +9,8 @@ from pathlib import Path
 from lab.errors import ConfigError
 from lab.playbook import Playbook
 
-# QEMU's own memory beside the guest RAM under TCG (translation cache, device
-# state); an estimate from the resident size of 256 MiB guests on this stack.
+# QEMU's own memory beside the guest RAM under TCG, for the translation cache
+# and device state. It is an estimate, not a measured bound.
 QEMU_OVERHEAD_MIB = 160
 
 
