@@ -413,38 +413,22 @@ def _flatten(record: RunRecord) -> dict[str, Any]:
     return row
 
 
-def _convert_column(name: str, column: pd.Series) -> pd.Series:
-    """Give a load_runs() column a dtype that does not depend on which values are missing."""
-    if name in ("started_at", "ended_at"):
-        return pd.to_datetime(column, utc=True)
-    if name == "guest_alive":
-        return column.astype("boolean")
-    if name == "repetition":
-        return column.astype("int64")
-    if name in _TEXT_COLUMNS or column.map(lambda value: isinstance(value, str)).any():
-        return column.astype("object")
-    # Numbers become float64 so that a missing value is NaN in every column.
-    return column.astype("float64")
-
-
-def load_runs(path: str | Path) -> pd.DataFrame:
+def load_runs(path: str | Path, *, cache: bool = True) -> pd.DataFrame:
     """Load every run of an experiment into a DataFrame, one row per run.
 
     path is an experiment folder, or a results folder that contains exactly one
     experiment. Columns are RUN_COLUMNS, then one ``phase_<name>`` column per
     key of Measured.phases, such as phase_boot_s, and any scenario key that Scenario does not list. Missing
-    numbers are NaN. Rows are sorted by started_at, then run_id.
-    """
-    experiment_dir = find_experiment_dir(path)
-    runs_dir = experiment_dir / RUNS_DIR
-    rows = [_flatten(load_record(runs_dir / run_id))
-            for run_id in sorted(finished_run_ids(experiment_dir))]
-    frame = pd.DataFrame.from_records(rows)
-    extra = [name for name in frame.columns if name not in RUN_COLUMNS]
-    frame = frame.reindex(columns=RUN_COLUMNS + sorted(extra))
+    values are NaN, except in guest_alive (<NA>) and the dates (NaT). Rows are
+    sorted by started_at, then run_id.
 
-    for name in frame.columns:
-        frame[name] = _convert_column(name, frame[name])
-    frame = frame.sort_values(["started_at", "run_id"], kind="stable").reset_index(drop=True)
+    With cache true, rows of unchanged records come from <experiment>/runs.parquet,
+    which is created or updated as needed (see lab.run_table). The DataFrame
+    is the same with and without the cache.
+    """
+    from lab import run_table  # imported here because run_table imports this module
+
+    experiment_dir = find_experiment_dir(path)
+    frame = run_table.table_to_frame(run_table.load_table(experiment_dir, cache=cache))
     log.debug("loaded %d runs from %s", len(frame), experiment_dir)
     return frame
