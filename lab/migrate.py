@@ -143,6 +143,8 @@ class MigrationResult:
     switchover_at_s: float | None = None
     postcopy_started_at_s: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # time.monotonic() at the migration call, from which t_s of samples and events counts.
+    t0_monotonic_s: float | None = None
 
 
 class _EventRecorder:
@@ -348,7 +350,7 @@ class Migration:
         result = MigrationResult(
             outcome=outcome, error=message, destination_domain=new_domain, completed_stats=stats,
             samples=samples, events=events, started_at=started_at, wall_total_ms=wall_total_ms,
-            warnings=warnings,
+            warnings=warnings, t0_monotonic_s=t0,
         )
         self._fill_phase_times(result, paused_at_s, postcopy_requested_at)
         if settings.uses_postcopy and result.postcopy_started_at_s is None and outcome == "completed":

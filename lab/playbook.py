@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["stop-and-copy", "precopy", "postcopy", "hybrid"]
 Pattern = Literal["sequential", "random"]
+# Guest NIC models: libvirt's <model type=...> values the guest image has drivers for.
+NicModel = Literal["e1000", "virtio"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 PATTERNS: tuple[str, ...] = get_args(Pattern)
+NIC_MODELS: tuple[str, ...] = get_args(NicModel)
 
 # Guest memory that the working set cannot use, because the guest kernel and
 # the initramfs that carries the workload live there.
@@ -58,6 +61,7 @@ SCENARIO_FIELDS: dict[str, str] = {
     "strategy": "migration",
     "memory_mib": "guest",
     "vcpus": "guest",
+    "nic_model": "guest",
     "working_set_mib": "workload",
     "dirty_rate_mib_s": "workload",
     "pattern": "workload",
@@ -72,7 +76,7 @@ REQUIRED_FIELDS = ("strategy", "memory_mib", "working_set_mib", "dirty_rate_mib_
 
 # Scenario id parts: a prefix before the value, and the word that stands for null.
 _ID_PREFIX = {
-    "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "working_set_mib": "ws",
+    "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "nic_model": "", "working_set_mib": "ws",
     "dirty_rate_mib_s": "rate", "pattern": "", "bandwidth_mib_s": "bw",
     "downtime_limit_ms": "dt", "max_time_s": "max", "postcopy_after_iterations": "pc",
 }
@@ -102,6 +106,7 @@ class Scenario(BaseModel):
     downtime_limit_ms: DowntimeLimitMs | None
     max_time_s: MaxTimeS
     postcopy_after_iterations: PostcopyAfterIterations | None
+    nic_model: NicModel = "e1000"
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +175,9 @@ class GuestSection(BaseModel):
     model_config = _CONFIG
     memory_mib: MemoryMiB | None = None
     vcpus: Vcpus = 1
+    # e1000: QEMU sends RARP announcements after the switch-over. virtio: the
+    # guest's virtio-net driver sends gratuitous ARP when QEMU asks it to.
+    nic_model: NicModel = "e1000"
 
 
 class WorkloadSection(BaseModel):
@@ -188,6 +196,43 @@ class MigrationSection(BaseModel):
     downtime_limit_ms: DowntimeLimitMs | None = None
     max_time_s: MaxTimeS = 300
     postcopy_after_iterations: PostcopyAfterIterations | None = None
+
+
+class EchoProbeSection(BaseModel):
+    """UDP echo requests from the client host to the guest, one every 1 / rate_hz seconds."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+    rate_hz: Annotated[float, Field(gt=0, le=10000, allow_inf_nan=False)] = 1000.0
+
+
+class StreamProbeSection(BaseModel):
+    """A TCP connection from the client host that streams records the guest echoes back."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+    rate_kib_s: Annotated[float, Field(gt=0, le=10240, allow_inf_nan=False)] = 64.0
+
+
+class CaptureProbeSection(BaseModel):
+    """Frames of the guest's MAC address on the lab switch's ports, to time the announcements."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+
+
+class ProbesSection(BaseModel):
+    """Measurements taken from outside the guest during each run; all run unless turned off here."""
+
+    model_config = _CONFIG
+    echo: EchoProbeSection = EchoProbeSection()
+    stream: StreamProbeSection = StreamProbeSection()
+    capture: CaptureProbeSection = CaptureProbeSection()
+    # Time the probes run before the migration call, so that round trips and
+    # guest throughput have a baseline, in seconds.
+    baseline_s: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 3.0
+    # From the start of the probes until the guest must have answered, in seconds.
+    ready_timeout_s: Annotated[int, Field(gt=0)] = 30
 
 
 class TimeoutsSection(BaseModel):
@@ -213,6 +258,7 @@ class Playbook(BaseModel):
     migration: MigrationSection = MigrationSection()
     matrix: dict[str, list[Any]] = {}
     repetitions: Annotated[int, Field(ge=1)] = 1
+    probes: ProbesSection = ProbesSection()
     timeouts: TimeoutsSection = TimeoutsSection()
 
     _path: Path | None = PrivateAttr(None)

@@ -23,7 +23,8 @@ from lab.playbook import ExperimentName, Scenario, ScenarioId
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# Version 2 added ``observed``; records of version 1 read as having no observations.
+SCHEMA_VERSION = 2
 
 Outcome = Literal["completed", "failed", "cancelled", "timed-out", "guest-crashed",
                   "memory-corrupt", "guest-lost"]
@@ -159,6 +160,176 @@ class Integrity(BaseModel):
     checked_pages: NonNegativeInt = 0
 
 
+class LatencySummary(BaseModel):
+    """Round-trip times of the echo requests sent in one phase of a run."""
+
+    model_config = _CONFIG
+
+    requests: NonNegativeInt
+    answered: NonNegativeInt
+    lost: NonNegativeInt
+    p50_ms: NonNegativeFloat | None = None
+    p90_ms: NonNegativeFloat | None = None
+    p99_ms: NonNegativeFloat | None = None
+    max_ms: NonNegativeFloat | None = None
+
+
+class EchoFigures(BaseModel):
+    """What the client's echo probe saw. Times ending in ``_s`` are on the run's clock.
+
+    ``client_downtime_ms`` is the longest interval without a reply, measured
+    between reply arrival times, so it is accurate to about one probe
+    interval. An outage that touches the start or the end of the probing
+    window is open on that side, and then it is a lower bound.
+    """
+
+    model_config = _CONFIG
+
+    interval_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    requests_sent: NonNegativeInt
+    requests_before_first_answer: NonNegativeInt = Field(
+        0, description="requests sent before the first one that got a reply; no other figure counts them")
+    answers_received: NonNegativeInt
+    lost_requests: NonNegativeInt
+    duplicate_answers: NonNegativeInt = 0
+    skipped_requests: NonNegativeInt = Field(
+        0, description="requests the probe did not send because it ran too late for their slot")
+    client_downtime_ms: NonNegativeFloat | None = None
+    outage_start_s: float | None = Field(None, description="last reply before the longest outage")
+    outage_end_s: float | None = Field(None, description="first reply after the longest outage")
+    outage_open_start: bool = False
+    outage_open_end: bool = False
+    rtt_before: LatencySummary | None = Field(None, description="requests sent before the migration call")
+    rtt_during: LatencySummary | None = Field(None, description="requests sent until the transfer ended")
+    rtt_after: LatencySummary | None = Field(None, description="requests sent after the transfer ended")
+
+
+class StreamFigures(BaseModel):
+    """The TCP connection the client kept open to the guest across the migration."""
+
+    model_config = _CONFIG
+
+    connected: bool
+    survived: bool = Field(description="connected, never reset, and every byte sent came back")
+    intact: bool = Field(description="the bytes that came back equal the bytes sent, in order")
+    sent_bytes: NonNegativeInt
+    echoed_bytes: NonNegativeInt
+    max_stall_ms: NonNegativeFloat | None = Field(
+        None, description="longest time with bytes outstanding and none coming back")
+    stall_start_s: float | None = None
+    error: str | None = None
+
+
+class SwitchoverPhases(BaseModel):
+    """When each step between the source's pause and the client's next reply happened.
+
+    All times are seconds on the run's clock. Frames are those with the
+    guest's MAC address on the switch ports that lead to the source, the
+    destination and the client.
+    """
+
+    model_config = _CONFIG
+
+    last_answer_before_s: float | None = None
+    paused_at_s: float | None = Field(None, description="the source suspended the guest (libvirt event)")
+    resumed_at_s: float | None = Field(None, description="the destination resumed the guest (libvirt event)")
+    first_announce_at_s: float | None = Field(
+        None, description="first ARP or RARP frame from the guest on the destination's switch port")
+    announce_kind: Literal["rarp", "arp"] | None = None
+    announcements: NonNegativeInt = Field(0, description="ARP and RARP frames from the guest after the pause")
+    announce_at_client_s: float | None = Field(
+        None, description="first announcement on the client's switch port")
+    switch_learned_at_s: float | None = Field(
+        None, description="first frame from the guest on the destination's port, from which the switch "
+                          "learns the guest's new port")
+    first_forwarded_at_s: float | None = Field(
+        None, description="first frame to the guest that the switch sent to the destination")
+    last_to_source_at_s: float | None = Field(
+        None, description="last frame to the guest that the switch sent to the source")
+    first_answer_after_s: float | None = None
+
+
+class GuestFigures(BaseModel):
+    """The guest's own view: its workload's throughput, on the run's clock.
+
+    Throughput is pages dirtied per second between two consecutive workload
+    reports, which come about once per second, so recovery is known to about
+    one second. The guest's clock is mapped onto the harness's with the
+    guest receive times in the echo replies (``clock``), or not at all.
+    """
+
+    model_config = _CONFIG
+
+    clock: Literal["echo", "none"]
+    throughput_before_pps: NonNegativeFloat | None = None
+    throughput_min_during_pps: NonNegativeFloat | None = None
+    slowdown_pct: float | None = Field(None, description="100 * (1 - minimum during / before)")
+    recovery_ms: NonNegativeFloat | None = Field(
+        None, description="from the pause until the start of the first report interval back at 90 % of "
+                          "the throughput before migration, or 0 if the interval with the pause is")
+    reports_source: NonNegativeInt = 0
+    reports_destination: NonNegativeInt = 0
+    source_from_s: float | None = None
+    source_to_s: float | None = None
+    destination_from_s: float | None = None
+    destination_to_s: float | None = None
+
+
+class Observed(BaseModel):
+    """What the client and the guest observed during a run; None where that probe did not run."""
+
+    model_config = _CONFIG
+
+    echo: EchoFigures | None = None
+    stream: StreamFigures | None = None
+    network: SwitchoverPhases | None = None
+    guest: GuestFigures | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """Return the figures as one flat row with the names of OBSERVED_COLUMNS."""
+        row: dict[str, Any] = dict.fromkeys(OBSERVED_COLUMNS)
+        echo, stream, network, guest = self.echo, self.stream, self.network, self.guest
+        if echo is not None:
+            row.update(client_downtime_ms=echo.client_downtime_ms, probe_interval_ms=echo.interval_ms,
+                       requests_sent=echo.requests_sent, lost_requests=echo.lost_requests)
+            for phase in ("before", "during", "after"):
+                latency = getattr(echo, f"rtt_{phase}")
+                if latency is not None:
+                    row[f"rtt_{phase}_p50_ms"] = latency.p50_ms
+                    row[f"rtt_{phase}_p99_ms"] = latency.p99_ms
+                    row[f"lost_{phase}"] = latency.lost
+        if stream is not None:
+            row.update(stream_survived=stream.survived, stream_intact=stream.intact,
+                       stream_max_stall_ms=stream.max_stall_ms)
+        if network is not None:
+            row["announce_delay_ms"] = _difference_ms(network.first_announce_at_s, network.resumed_at_s)
+            row["switch_learn_delay_ms"] = _difference_ms(network.switch_learned_at_s, network.resumed_at_s)
+            row["answer_delay_ms"] = _difference_ms(network.first_answer_after_s, network.first_forwarded_at_s)
+        if guest is not None:
+            row.update(guest_throughput_before_pps=guest.throughput_before_pps,
+                       guest_throughput_min_pps=guest.throughput_min_during_pps,
+                       guest_slowdown_pct=guest.slowdown_pct, guest_recovery_ms=guest.recovery_ms)
+        return row
+
+
+def _difference_ms(later_s: float | None, earlier_s: float | None) -> float | None:
+    if later_s is None or earlier_s is None:
+        return None
+    return (later_s - earlier_s) * 1000.0
+
+
+# Flat columns of Observed.columns(), for tables with one row per run.
+OBSERVED_COLUMNS = [
+    "client_downtime_ms", "probe_interval_ms", "requests_sent", "lost_requests",
+    "rtt_before_p50_ms", "rtt_before_p99_ms", "lost_before",
+    "rtt_during_p50_ms", "rtt_during_p99_ms", "lost_during",
+    "rtt_after_p50_ms", "rtt_after_p99_ms", "lost_after",
+    "stream_survived", "stream_intact", "stream_max_stall_ms",
+    "announce_delay_ms", "switch_learn_delay_ms", "answer_delay_ms",
+    "guest_throughput_before_pps", "guest_throughput_min_pps", "guest_slowdown_pct", "guest_recovery_ms",
+]
+
+
 def _to_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
@@ -168,7 +339,7 @@ class RunRecord(BaseModel):
 
     model_config = _CONFIG
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     harness_version: str = __version__
     experiment: ExperimentName
     run_id: str
@@ -186,6 +357,7 @@ class RunRecord(BaseModel):
     measured: Measured = Measured()
     integrity: Integrity
     environment: Environment
+    observed: Observed = Observed()
     warnings: list[str] = []
 
     @model_validator(mode="before")

@@ -35,7 +35,10 @@ from lab.locking import experiment_lock
 from lab.paths import state_dir
 from lab.preflight import available_memory_mib, check_guest_memory, check_results_writable
 from lab.playbook import Playbook, Scenario
-from lab.records import Environment, Integrity, Measured, MigrationStats, RunRecord, make_timeline
+from lab.probes.observe import RunClock, observe_run
+from lab.probes.session import ProbeOutputs, ProbePlan, ProbeSession
+from lab.records import Environment, Integrity, Measured, MigrationStats, Observed, RunRecord, make_timeline
+from lab.timeline import encode_parts
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ class ExperimentRunner:
             name=name, run_id=run_id, memory_mib=scenario.memory_mib, vcpus=scenario.vcpus,
             kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline,
             accelerator=accelerator, bridge=self.source_host.guest_bridge,
-            mac=domain.guest_mac(GUEST_ADDRESS_OFFSET))
+            mac=domain.guest_mac(GUEST_ADDRESS_OFFSET), nic_model=scenario.nic_model)
 
     def _close(self) -> None:
         for conn in (getattr(self, "source", None), getattr(self, "destination", None)):
@@ -221,6 +224,8 @@ class ExperimentRunner:
                               console_trouble=[], checked_pages=0)
         outcome, error = "failed", None
         dom = None
+        probes: ProbeSession | None = None
+        probe_outputs: ProbeOutputs | None = None
         try:
             t = time.monotonic()
             dom = domain.boot(self.source, spec)
@@ -230,6 +235,7 @@ class ExperimentRunner:
             if seen < REPORTS_BEFORE_MIGRATION:
                 raise LabError(f"guest {name} did not start its workload within "
                                f"{self.playbook.timeouts.guest_boot_s:.0f} s on {self.source_host.name}")
+            probes = self._start_probes(warnings)
 
             t = time.monotonic()
             settings = MigrationSettings(
@@ -252,11 +258,17 @@ class ExperimentRunner:
                                                           last_seq)
             phases["integrity_s"] = time.monotonic() - t
         except KeyboardInterrupt:
+            if probes is not None:
+                probes.close()
             raise
         except (LabError, libvirt.libvirtError) as exc:
             error = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
             log.error("run %s failed: %s", run_id, error)
         finally:
+            # The probes stop after the integrity check, or at the failure.
+            if probes is not None:
+                probe_outputs = probes.stop()
+                probes.close()
             self._remove_guest(name)
 
         files = {}
@@ -264,11 +276,57 @@ class ExperimentRunner:
             if path.exists():
                 files[f"console-{host.name}.log"] = path.read_bytes()
                 path.unlink()
+        observed = self._observe(result, probe_outputs, files, warnings)
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
-                              phases, warnings)
+                              phases, warnings, observed=observed)
         timeline = make_timeline(result.samples if result else [])
         events = [event.as_dict() for event in result.events] if result else []
         return record, timeline, events, files
+
+    def _start_probes(self, warnings: list[str]) -> ProbeSession | None:
+        """Start the playbook's probes, wait until the guest answers them, then probe the baseline."""
+        section = self.playbook.probes
+        plan = ProbePlan.from_section(section)
+        if not plan.any:
+            return None
+        if self.access.local_lab is None:
+            # NOTE: the probes run from the local lab's client namespace; a lab of
+            # real servers has no such namespace, so its runs go without probes.
+            warnings.append("probes skipped: they need the local lab's client host")
+            return None
+        session = ProbeSession(self.lab, plan, guest_address=self.lab.guest_address(GUEST_ADDRESS_OFFSET),
+                               guest_mac=domain.guest_mac(GUEST_ADDRESS_OFFSET),
+                               source_host=self.source_host.name, destination_host=self.destination_host.name)
+        try:
+            session.start()
+            problem = session.wait_until_answering(section.ready_timeout_s)
+            if problem:
+                log.warning("probes: %s; migrating anyway", problem)
+                warnings.append(f"probes: {problem} before the migration")
+            time.sleep(section.baseline_s)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _observe(self, result: MigrationResult | None, outputs: ProbeOutputs | None, files: dict[str, bytes],
+                 warnings: list[str]) -> Observed:
+        """Compute the client's and the guest's figures and add the timeline parts to ``files``."""
+        if result is None or result.t0_monotonic_s is None:
+            return Observed()
+        paused = result.switchover_at_s
+        resumed = paused + result.wall_downtime_ms / 1000.0 \
+            if paused is not None and result.wall_downtime_ms is not None else None
+        clock = RunClock(t0_ns=round(result.t0_monotonic_s * 1e9), completed=result.outcome == "completed",
+                         paused_at_s=paused, resumed_at_s=resumed,
+                         transfer_end_s=result.transfer_time_ms / 1000.0 if result.transfer_time_ms else None)
+        consoles = {host.name: files.get(f"console-{host.name}.log", b"").decode(errors="replace")
+                    for host in (self.source_host, self.destination_host)}
+        observation = observe_run(outputs, clock, consoles=consoles, source_host=self.source_host.name,
+                                  destination_host=self.destination_host.name)
+        warnings.extend(observation.warnings)
+        files.update(encode_parts(observation.parts))
+        return observation.observed
 
     def _check_guest(self, result: MigrationResult, source_dom, source_console: Path,
                      destination_console: Path, last_seq: int):
@@ -313,7 +371,7 @@ class ExperimentRunner:
                 log.error("could not remove guest %s: %s", name, exc)
 
     def _record(self, run_id, scenario, repetition, started_at, outcome, error, result, integrity, phases,
-                warnings) -> RunRecord:
+                warnings, *, observed: Observed | None = None) -> RunRecord:
         stats = MigrationStats.from_libvirt(result.completed_stats if result else {})
         measured = Measured(
             wall_total_ms=result.wall_total_ms if result else None,
@@ -327,4 +385,5 @@ class ExperimentRunner:
             scenario=scenario.values(), repetition=repetition, source_host=self.source_host.name,
             destination_host=self.destination_host.name, started_at=started_at,
             ended_at=datetime.now(timezone.utc), outcome=outcome, error=error, stats=stats, measured=measured,
-            integrity=integrity, environment=self.environment, warnings=warnings)
+            integrity=integrity, environment=self.environment, observed=observed or Observed(),
+            warnings=warnings)

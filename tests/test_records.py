@@ -201,7 +201,7 @@ def test_records_are_frozen():
 def test_newer_schema_version_rejected():
     data = json.loads(sample_record().model_dump_json())
     data["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(RecordVersionError, match="schema_version 2"):
+    with pytest.raises(RecordVersionError, match=f"schema_version {SCHEMA_VERSION + 1}"):
         RunRecord.model_validate_json(json.dumps(data))
 
 

@@ -46,10 +46,12 @@ log = logging.getLogger(__name__)
 
 # Raise this when the layout of the initramfs or of the image folder changes,
 # so images built by older code are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 GUEST_DIR = Path(__file__).resolve().parent
 WORKLOAD_SOURCE = GUEST_DIR / "workload" / "workload.c"
+# The network end of the client probes (UDP echo and TCP echo), started by init.sh.
+RESPONDER_SOURCE = GUEST_DIR / "responder" / "responder.c"
 INIT_SCRIPT = GUEST_DIR / "init.sh"
 BUSYBOX = Path("/bin/busybox")
 COMPILER = "gcc"
@@ -107,6 +109,7 @@ class ImageSources:
     kernel_package: Path
     busybox: Path = BUSYBOX
     workload_source: Path = WORKLOAD_SOURCE
+    responder_source: Path = RESPONDER_SOURCE
     init_script: Path = INIT_SCRIPT
     modules: tuple[str, ...] = NIC_MODULES
     compiler: str = COMPILER
@@ -118,6 +121,7 @@ class _LoadedSources:
 
     sources: ImageSources
     workload_source: bytes
+    responder_source: bytes
     init_script: bytes
     inputs: dict[str, object]
 
@@ -144,6 +148,7 @@ def _compiler_identity(compiler: str) -> str:
 
 def _load_sources(sources: ImageSources) -> _LoadedSources:
     workload_source = _read_input(sources.workload_source, "workload source")
+    responder_source = _read_input(sources.responder_source, "responder source")
     init_script = _read_input(sources.init_script, "init script")
     for path, role in ((sources.kernel_package, "kernel package"), (sources.busybox, "busybox binary")):
         if not path.is_file():
@@ -155,12 +160,13 @@ def _load_sources(sources: ImageSources) -> _LoadedSources:
         "kernel_package_sha256": file_sha256(sources.kernel_package),
         "busybox_sha256": file_sha256(sources.busybox),
         "workload_source_sha256": hashlib.sha256(workload_source).hexdigest(),
+        "responder_source_sha256": hashlib.sha256(responder_source).hexdigest(),
         "init_script_sha256": hashlib.sha256(init_script).hexdigest(),
         "modules": list(sources.modules),
         "compiler": _compiler_identity(sources.compiler),
         "cflags": list(WORKLOAD_CFLAGS),
     }
-    return _LoadedSources(sources, workload_source, init_script, inputs)
+    return _LoadedSources(sources, workload_source, responder_source, init_script, inputs)
 
 
 def image_inputs(sources: ImageSources) -> dict[str, object]:
@@ -280,8 +286,9 @@ def _build(loaded: _LoadedSources, digest: str, target: Path) -> GuestImage:
         modules = collect_modules(kernel, loaded.sources.modules)
         shutil.rmtree(scratch / "package")
 
-        workload = _compile_workload(loaded, scratch)
-        entries = _initramfs_entries(loaded, workload, modules)
+        workload = _compile_program(loaded, scratch, loaded.workload_source, "workload")
+        responder = _compile_program(loaded, scratch, loaded.responder_source, "responder")
+        entries = _initramfs_entries(loaded, workload, responder, modules)
         initrd_bytes = write_initramfs(entries, staged / "initrd.img")
 
         package_name, package_version = package_identity(loaded.sources.kernel_package)
@@ -325,14 +332,15 @@ def _move_into_place(staged: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _compile_workload(loaded: _LoadedSources, scratch: Path) -> bytes:
-    source = scratch / "workload.c"
-    binary = scratch / "mlab-workload"
-    source.write_bytes(loaded.workload_source)
+def _compile_program(loaded: _LoadedSources, scratch: Path, source_text: bytes, role: str) -> bytes:
+    """Compile one of the guest's C programs (the workload or the responder) into a static binary."""
+    source = scratch / f"{role}.c"
+    binary = scratch / f"mlab-{role}"
+    source.write_bytes(source_text)
     run_tool([loaded.sources.compiler, *WORKLOAD_CFLAGS, "-o", str(binary), str(source)],
-             timeout=COMPILE_TIMEOUT_S, purpose="compiling the guest workload")
+             timeout=COMPILE_TIMEOUT_S, purpose=f"compiling the guest {role}")
     if not is_static_elf(binary):
-        raise ImageError(f"{loaded.sources.compiler} produced a dynamically linked workload "
+        raise ImageError(f"{loaded.sources.compiler} produced a dynamically linked {role} "
                          f"despite -static; install libc6-dev, which provides the static libc")
     return binary.read_bytes()
 
@@ -343,7 +351,7 @@ def _busybox_applets(busybox: Path) -> set[str]:
     return set(result.stdout.split())
 
 
-def _initramfs_entries(loaded: _LoadedSources, workload: bytes,
+def _initramfs_entries(loaded: _LoadedSources, workload: bytes, responder: bytes,
                        modules: list[tuple[str, bytes]]) -> list[CpioEntry]:
     busybox = loaded.sources.busybox
     if not is_static_elf(busybox):
@@ -362,6 +370,7 @@ def _initramfs_entries(loaded: _LoadedSources, workload: bytes,
     entries.append(CpioEntry.file("bin/busybox", busybox.read_bytes(), 0o755))
     entries.extend(CpioEntry.symlink(f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS)
     entries.append(CpioEntry.file("bin/mlab-workload", workload, 0o755))
+    entries.append(CpioEntry.file("bin/mlab-responder", responder, 0o755))
     entries.extend(CpioEntry.file(f"lib/modules/{name}.ko", data) for name, data in modules)
     module_list = "".join(f"{name}\n" for name, _ in modules)
     entries.append(CpioEntry.file("etc/mlab-modules", module_list.encode()))

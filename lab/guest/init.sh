@@ -3,10 +3,11 @@
 #
 # It mounts the kernel file systems, loads the NIC modules listed in
 # /etc/mlab-modules (in that order, because insmod resolves no dependencies),
-# configures eth0 when the kernel command line has mlab.ip=<addr/prefix>, and
-# runs /bin/mlab-workload in the foreground. The kernel panics when PID 1
-# exits, so this script never returns: if the workload exits, it prints the
-# exit status and sleeps forever.
+# configures eth0 when the kernel command line has mlab.ip=<addr/prefix>,
+# starts /bin/mlab-responder (the guest end of the client probes) in the
+# background, and runs /bin/mlab-workload in the foreground. The kernel panics
+# when PID 1 exits, so this script never returns: if the workload exits, it
+# prints the exit status and sleeps forever.
 
 export PATH=/bin
 # No file name expansion: the kernel command line is split with $(...) below.
@@ -54,6 +55,12 @@ if [ -n "$ip_address" ]; then
     else
         echo "mlab-init: error: configuring eth0 with mlab.ip=$ip_address failed"
     fi
+fi
+
+# The responder binds to every address, so it also serves an eth0 that came
+# up without mlab.ip; it prints its own "listening" or "error" line.
+if [ -x /bin/mlab-responder ]; then
+    /bin/mlab-responder &
 fi
 
 /bin/mlab-workload
