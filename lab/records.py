@@ -166,7 +166,7 @@ class LatencySummary(BaseModel):
     model_config = _CONFIG
 
     requests: NonNegativeInt
-    answered: NonNegativeInt
+    replied: NonNegativeInt
     lost: NonNegativeInt
     p50_ms: NonNegativeFloat | None = None
     p90_ms: NonNegativeFloat | None = None
@@ -187,11 +187,11 @@ class EchoFigures(BaseModel):
 
     interval_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     requests_sent: NonNegativeInt
-    requests_before_first_answer: NonNegativeInt = Field(
+    requests_before_first_reply: NonNegativeInt = Field(
         0, description="requests sent before the first one that got a reply; no other figure counts them")
-    answers_received: NonNegativeInt
+    replies_received: NonNegativeInt
     lost_requests: NonNegativeInt
-    duplicate_answers: NonNegativeInt = 0
+    duplicate_replies: NonNegativeInt = 0
     skipped_requests: NonNegativeInt = Field(
         0, description="requests the probe did not send because it ran too late for their slot")
     client_downtime_ms: NonNegativeFloat | None = None
@@ -230,7 +230,7 @@ class SwitchoverPhases(BaseModel):
 
     model_config = _CONFIG
 
-    last_answer_before_s: float | None = None
+    last_reply_before_s: float | None = None
     paused_at_s: float | None = Field(None, description="the source suspended the guest (libvirt event)")
     resumed_at_s: float | None = Field(None, description="the destination resumed the guest (libvirt event)")
     first_announce_at_s: float | None = Field(
@@ -246,7 +246,7 @@ class SwitchoverPhases(BaseModel):
         None, description="first frame to the guest that the switch sent to the destination")
     last_to_source_at_s: float | None = Field(
         None, description="last frame to the guest that the switch sent to the source")
-    first_answer_after_s: float | None = None
+    first_reply_after_s: float | None = None
 
 
 class GuestFigures(BaseModel):
@@ -304,7 +304,7 @@ class Observed(BaseModel):
         if network is not None:
             row["announce_delay_ms"] = _difference_ms(network.first_announce_at_s, network.resumed_at_s)
             row["switch_learn_delay_ms"] = _difference_ms(network.switch_learned_at_s, network.resumed_at_s)
-            row["answer_delay_ms"] = _difference_ms(network.first_answer_after_s, network.first_forwarded_at_s)
+            row["reply_delay_ms"] = _difference_ms(network.first_reply_after_s, network.first_forwarded_at_s)
         if guest is not None:
             row.update(guest_throughput_before_pps=guest.throughput_before_pps,
                        guest_throughput_min_pps=guest.throughput_min_during_pps,
@@ -325,7 +325,7 @@ OBSERVED_COLUMNS = [
     "rtt_during_p50_ms", "rtt_during_p99_ms", "lost_during",
     "rtt_after_p50_ms", "rtt_after_p99_ms", "lost_after",
     "stream_survived", "stream_intact", "stream_max_stall_ms",
-    "announce_delay_ms", "switch_learn_delay_ms", "answer_delay_ms",
+    "announce_delay_ms", "switch_learn_delay_ms", "reply_delay_ms",
     "guest_throughput_before_pps", "guest_throughput_min_pps", "guest_slowdown_pct", "guest_recovery_ms",
 ]
 

@@ -284,7 +284,7 @@ class ExperimentRunner:
         return record, timeline, events, files
 
     def _start_probes(self, warnings: list[str]) -> ProbeSession | None:
-        """Start the playbook's probes, wait until the guest answers them, then probe the baseline."""
+        """Start the playbook's probes, wait until the guest replies, then probe the baseline."""
         section = self.playbook.probes
         plan = ProbePlan.from_section(section)
         if not plan.any:
@@ -299,7 +299,7 @@ class ExperimentRunner:
                                source_host=self.source_host.name, destination_host=self.destination_host.name)
         try:
             session.start()
-            problem = session.wait_until_answering(section.ready_timeout_s)
+            problem = session.wait_for_replies(section.ready_timeout_s)
             if problem:
                 log.warning("probes: %s; migrating anyway", problem)
                 warnings.append(f"probes: {problem} before the migration")

@@ -1,7 +1,7 @@
 """The timeline of a run: every series measured during a run, on one clock, and its figure.
 
 The run's clock counts seconds since the migration call (``t_s``, negative
-before it). A run folder holds the timeline in parts, so each keeps its own
+before it). A run folder contains the timeline in parts, so each keeps its own
 columns and dtypes:
 
 timeline.parquet
@@ -112,13 +112,15 @@ class RunTimeline:
     def merged(self) -> pd.DataFrame:
         """Return every series in one long table sorted by t_s: columns t_s, series, host, value, detail.
 
-        Series names: progress columns by name (memory_bps, data_remaining_bytes,
-        dirty_rate_bytes_s, iteration, ...); ``event:<kind>``; ``echo_rtt_ms``
-        at each reply and ``echo_lost`` at the send time of each request
-        without reply; ``stream_sent_bytes`` and ``stream_echoed_bytes``;
-        ``announce:<kind>`` per ARP or RARP frame (host is the switch port);
-        ``segment:<port>:<direction>:<kind>`` at a segment's start with its
-        length in seconds as value; ``guest_throughput_pps`` per report.
+        Series names:
+
+        - the progress columns by name: memory_bps, data_remaining_bytes, dirty_rate_bytes_s, ...
+        - ``event:<kind>`` per event
+        - ``echo_rtt_ms`` at each reply, ``echo_lost`` at the send time of each request without reply
+        - ``stream_sent_bytes`` and ``stream_echoed_bytes``
+        - ``announce:<kind>`` per ARP or RARP frame, with the switch port as host
+        - ``segment:<port>:<direction>:<kind>`` at a segment's start, with its length in seconds as value
+        - ``guest_throughput_pps`` per workload report
         """
         pieces = []
         progress = self.progress
@@ -132,10 +134,10 @@ class RunTimeline:
                                         "host": events["host"], "value": float("nan"),
                                         "detail": events["detail"]}))
         echo = self.part("echo")
-        answered = echo[echo["received_s"].notna()]
+        replied = echo[echo["received_s"].notna()]
         lost = echo[echo["received_s"].isna() & echo["sent_s"].notna()]
-        pieces.append(pd.DataFrame({"t_s": answered["received_s"], "series": "echo_rtt_ms", "host": "client",
-                                    "value": answered["rtt_ms"], "detail": ""}))
+        pieces.append(pd.DataFrame({"t_s": replied["received_s"], "series": "echo_rtt_ms", "host": "client",
+                                    "value": replied["rtt_ms"], "detail": ""}))
         pieces.append(pd.DataFrame({"t_s": lost["sent_s"], "series": "echo_lost", "host": "client",
                                     "value": lost["seq"].astype("float64"), "detail": ""}))
         stream = self.part("stream")
@@ -270,8 +272,8 @@ def _draw_probe(ax, timeline: RunTimeline) -> None:
     if echo.empty:
         ax.text(0.5, 0.5, "echo probe off", transform=ax.transAxes, ha="center", color="0.4")
         return
-    answered = echo[echo["received_s"].notna()]
-    ax.scatter(answered["sent_s"], answered["rtt_ms"].clip(lower=1e-3), s=2, color="#1f77b4",
+    replied = echo[echo["received_s"].notna()]
+    ax.scatter(replied["sent_s"], replied["rtt_ms"].clip(lower=1e-3), s=2, color="#1f77b4",
                label="reply (at send time)")
     ax.set_yscale("log")
     lost = echo[echo["received_s"].isna() & echo["sent_s"].notna()]
@@ -326,7 +328,7 @@ def _draw_guest(ax, timeline: RunTimeline) -> None:
     for index, host in enumerate(hosts):
         rows = timed[timed["host"] == host]
         color = HOST_COLORS[index % len(HOST_COLORS)]
-        # Each value holds over the interval since the previous report.
+        # Each value applies to the interval since the previous report.
         ax.hlines(rows["throughput_pps"], rows["interval_start_s"], rows["t_s"], color=color, lw=2,
                   label=f"on {host}")
         ax.plot(rows["t_s"], rows["throughput_pps"], "o", color=color, ms=3)

@@ -119,7 +119,7 @@ def test_percentiles_of_known_round_trips():
     frame = pd.DataFrame({"sent_s": np.arange(100) / 1000.0, "rtt_ms": rtt})
     summary = latency_summary(frame)
     assert summary.requests == 100
-    assert summary.answered == 100
+    assert summary.replied == 100
     assert summary.lost == 0
     assert summary.p50_ms == pytest.approx(50.5)
     assert summary.p90_ms == pytest.approx(90.1)
@@ -131,7 +131,7 @@ def test_percentiles_ignore_lost_requests():
     frame = pd.DataFrame({"sent_s": [0.0, 0.1, 0.2, 0.3], "rtt_ms": [2.0, np.nan, 4.0, np.nan]})
     summary = latency_summary(frame)
     assert summary.requests == 4
-    assert summary.answered == 2
+    assert summary.replied == 2
     assert summary.lost == 2
     assert summary.p50_ms == pytest.approx(3.0)
 
@@ -147,14 +147,14 @@ def test_percentiles_without_replies_are_none():
 # -- echo_figures ------------------------------------------------------------------
 
 def test_echo_figures_of_a_migration():
-    # 1000 requests from -500 ms on, 1 ms apart; requests sent from 100 to
+    # 1000 requests from -500 ms on, 1 ms apart. Requests sent from 100 to
     # 159 ms are lost, so no reply arrives between 99.5 and 160.5 ms.
     lost = set(range(600, 660))
     agent = parse_agent_output(agent_text(steady(-500.0, 1000, lost=lost)))
     figures = echo_figures(agent, T0, transfer_end_s=0.2)
     assert figures.interval_ms == 1.0
     assert figures.requests_sent == 1000
-    assert figures.answers_received == 940
+    assert figures.replies_received == 940
     assert figures.lost_requests == 60
     assert figures.client_downtime_ms == pytest.approx(61.0)
     assert figures.outage_start_s == pytest.approx(0.0995)
@@ -170,9 +170,9 @@ def test_echo_figures_of_a_migration():
 def test_echo_figures_without_any_reply():
     rows = [(seq, seq * 1.0, None, None) for seq in range(50)]
     figures = echo_figures(parse_agent_output(agent_text(rows)), T0, transfer_end_s=None)
-    assert figures.answers_received == 0
+    assert figures.replies_received == 0
     assert figures.lost_requests == 50
-    assert figures.requests_before_first_answer == 0
+    assert figures.requests_before_first_reply == 0
     assert figures.client_downtime_ms == pytest.approx(49.0)
     assert figures.outage_open_start
     assert figures.outage_open_end
@@ -184,7 +184,7 @@ def test_echo_figures_skip_requests_before_first_reply():
     rows = [(seq, -100.0 + seq, None, None) for seq in range(30)]
     rows += steady(-70.0, 200, first_seq=30)
     figures = echo_figures(parse_agent_output(agent_text(rows)), T0, transfer_end_s=1.0)
-    assert figures.requests_before_first_answer == 30
+    assert figures.requests_before_first_reply == 30
     assert figures.requests_sent == 200
     assert figures.lost_requests == 0
     assert figures.client_downtime_ms < 2.0
@@ -196,7 +196,7 @@ def test_echo_figures_with_out_of_order_replies():
     rows[50] = (50, 50.0, 60.2, 60.2)
     figures = echo_figures(parse_agent_output(agent_text(rows)), T0, transfer_end_s=None)
     assert figures.lost_requests == 0
-    assert figures.answers_received == 100
+    assert figures.replies_received == 100
     assert figures.client_downtime_ms == pytest.approx(2.0)
     assert figures.rtt_during.max_ms == pytest.approx(10.2)
 
@@ -206,8 +206,8 @@ def test_echo_figures_count_duplicates_once():
     agent = parse_agent_output(text)
     figures = echo_figures(agent, T0, transfer_end_s=None)
     assert agent.duplicate_replies == 1
-    assert figures.answers_received == 10
-    assert figures.duplicate_answers == 1
+    assert figures.replies_received == 10
+    assert figures.duplicate_replies == 1
 
 
 def test_echo_figures_none_when_echo_off():
@@ -315,7 +315,7 @@ def test_switchover_phases_in_order():
                   ("destination", "to-guest", "echo", 126.5, 199.0, 73),
                   ("destination", "from-guest", "echo", 160.4, 199.4, 40)]))
     phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.120, echo=echo, capture=capture, t0_ns=T0)
-    assert phases.last_answer_before_s == pytest.approx(0.0995)
+    assert phases.last_reply_before_s == pytest.approx(0.0995)
     assert phases.first_announce_at_s == pytest.approx(0.125)
     assert phases.announce_kind == "rarp"
     assert phases.announcements == 2
@@ -323,7 +323,7 @@ def test_switchover_phases_in_order():
     assert phases.switch_learned_at_s == pytest.approx(0.125)
     assert phases.first_forwarded_at_s == pytest.approx(0.1265)
     assert phases.last_to_source_at_s == pytest.approx(0.126)
-    assert phases.first_answer_after_s == pytest.approx(0.1605)
+    assert phases.first_reply_after_s == pytest.approx(0.1605)
 
 
 def test_switchover_learned_from_other_frame_before_announcement():
@@ -333,7 +333,7 @@ def test_switchover_learned_from_other_frame_before_announcement():
     phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.120, echo=None, capture=capture, t0_ns=T0)
     assert phases.switch_learned_at_s == pytest.approx(0.121)
     assert phases.first_announce_at_s == pytest.approx(0.130)
-    assert phases.last_answer_before_s is None
+    assert phases.last_reply_before_s is None
 
 
 def test_switchover_phases_need_a_pause():

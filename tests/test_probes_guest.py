@@ -179,7 +179,7 @@ def test_observe_run_aligns_consoles_with_echo_replies():
     assert observed.guest.throughput_before_pps == pytest.approx(1000.0, rel=1e-3)
     assert observed.echo.client_downtime_ms == pytest.approx(100.0, abs=0.01)
     assert observed.network.paused_at_s == 1.0
-    assert observed.network.first_answer_after_s == pytest.approx(1.1004, abs=1e-3)
+    assert observed.network.first_reply_after_s == pytest.approx(1.1004, abs=1e-3)
     assert observed.stream is None
     assert result.warnings == []
 

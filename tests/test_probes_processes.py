@@ -110,7 +110,7 @@ def test_stream_records_carry_checked_sequence():
 
 # -- responder and agent -----------------------------------------------------------------
 
-def test_responder_answers_with_guest_time(responder):
+def test_responder_replies_with_guest_time(responder):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
         before = time.monotonic_ns()

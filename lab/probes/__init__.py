@@ -4,7 +4,7 @@ QEMU reports downtime as measured on the source, from stopping the vCPUs to
 sending the last state. A client sees more: the pause, then the time until
 the destination's announcements (RARP from QEMU, or the guest's own
 gratuitous ARP with virtio-net) teach the switch the guest's new port, then
-the time until the guest answers. The probes measure each part:
+the time until the guest replies. The probes measure each part:
 
 agent
     runs in the lab's client host: echo requests over UDP at a fixed rate
@@ -14,7 +14,7 @@ capture
     runs in the lab's switch: frames of the guest's MAC address on the switch
     ports of the source, the destination and the client (``lab.probes.capture``).
 responder
-    runs in the guest: answers the echo requests with its own clock and
+    runs in the guest: replies to the echo requests with its own clock and
     echoes the stream (``lab/guest/responder/responder.c``).
 guest view
     the workload's progress reports, put on the harness's clock

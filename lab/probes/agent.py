@@ -52,7 +52,7 @@ MAX_STREAM_OUTBOX_BYTES = 65536
 STREAM_CONNECT_RETRY_NS = 500_000_000
 # A send more than this late counts as skipped instead of being sent in a burst.
 MAX_SEND_LAG_NS = 50_000_000
-# Echo errors of one kind are written at most once per this interval, with a count.
+# _count_error() writes an echo error of one kind at most once per this interval, with the count so far.
 ERROR_REPORT_INTERVAL_NS = 1_000_000_000
 
 
@@ -298,7 +298,7 @@ class Agent:
         echo_interval = int(1e9 / settings.echo_rate_hz) if settings.echo_rate_hz > 0 else 0
         if echo_interval:
             self._open_echo()
-        stream_wanted = settings.stream_rate_kib_s > 0
+        stream_enabled = settings.stream_rate_kib_s > 0
         stream_deadline = start + int(settings.stream_connect_timeout_s * 1e9)
         next_echo = start
         next_stream_tick = start
@@ -323,7 +323,7 @@ class Agent:
                 self._send_echo(now)
                 next_echo += echo_interval
             stream = self.stream
-            if stream_wanted and stream.sock is None and not stream.connected and not stream.failed:
+            if stream_enabled and stream.sock is None and not stream.connected and not stream.failed:
                 if now >= stream_deadline:
                     self._stream_fail(f"no connection to {settings.target}:{settings.stream_port} "
                                       f"within {settings.stream_connect_timeout_s:g} s")

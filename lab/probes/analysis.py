@@ -1,8 +1,8 @@
 """Figures of a run from the probes' observations: outages, round-trip times, the stream and the switch-over.
 
 Every function takes times on CLOCK_MONOTONIC in ns from lab.probes.parse
-and the run's start ``t0_ns`` on the same clock, and returns seconds on the
-run's clock (0 is the migration call), so probe series line up with the
+and the run's start ``t0_ns`` on the same clock. It returns seconds on the
+run's clock, where 0 is the migration call, so probe series line up with the
 progress samples and events of the run.
 """
 
@@ -106,7 +106,7 @@ def latency_summary(series: pd.DataFrame) -> LatencySummary:
         for percentile, value in zip(PERCENTILES, np.percentile(rtt, PERCENTILES)):
             figures[f"p{percentile}_ms"] = max(0.0, float(value))
         figures["max_ms"] = max(0.0, float(rtt.max()))
-    return LatencySummary(requests=len(sent), answered=len(rtt), lost=len(sent) - len(rtt), **figures)
+    return LatencySummary(requests=len(sent), replied=len(rtt), lost=len(sent) - len(rtt), **figures)
 
 
 def echo_figures(agent: AgentOutput, t0_ns: int, *, transfer_end_s: float | None) -> EchoFigures | None:
@@ -115,7 +115,7 @@ def echo_figures(agent: AgentOutput, t0_ns: int, *, transfer_end_s: float | None
     The figures start with the first request that got a reply: requests
     before it went out while the client still resolved the guest's address
     or the guest was not up yet, and are only counted in
-    ``requests_before_first_answer``. So the outage window starts at that
+    ``requests_before_first_reply``. So the outage window starts at that
     reply. Without any reply, every request counts and the outage spans
     the whole probing time, open on both sides.
 
@@ -128,11 +128,11 @@ def echo_figures(agent: AgentOutput, t0_ns: int, *, transfer_end_s: float | None
     sent = series[series["sent_s"].notna()]
     if interval_ns is None or sent.empty:
         return None
-    answered = sent[sent["received_s"].notna()]
+    replied = sent[sent["received_s"].notna()]
     window_start_s = None
     warmup = 0
-    if len(answered):
-        first = answered.loc[answered["sent_s"].idxmin()]
+    if len(replied):
+        first = replied.loc[replied["sent_s"].idxmin()]
         warmup = int((sent["sent_s"] < first["sent_s"]).sum())
         sent = sent[sent["sent_s"] >= first["sent_s"]]
         series = series[series["sent_s"].isna() | (series["sent_s"] >= first["sent_s"])]
@@ -144,15 +144,15 @@ def echo_figures(agent: AgentOutput, t0_ns: int, *, transfer_end_s: float | None
     else:
         during = sent[(sent["sent_s"] >= 0) & (sent["sent_s"] < transfer_end_s)]
         after = sent[sent["sent_s"] >= transfer_end_s]
-    answered_count = int(series["received_s"].notna().sum())
+    replied_count = int(series["received_s"].notna().sum())
     summary = agent.summary or {}
     return EchoFigures(
         interval_ms=interval_ns / 1e6,
         requests_sent=len(sent),
-        requests_before_first_answer=warmup,
-        answers_received=answered_count,
+        requests_before_first_reply=warmup,
+        replies_received=replied_count,
         lost_requests=int(sent["received_s"].isna().sum()),
-        duplicate_answers=agent.duplicate_replies,
+        duplicate_replies=agent.duplicate_replies,
         skipped_requests=int(summary.get("echo_skipped", 0)),
         client_downtime_ms=outage.duration_ms if outage else None,
         outage_start_s=outage.start_s if outage else None,
@@ -229,7 +229,7 @@ def stream_figures(agent: AgentOutput, t0_ns: int) -> StreamFigures | None:
     end_ns = summary.get("end_ns")
     stall = longest_stall(series, end_s=(end_ns - t0_ns) / 1e9 if end_ns is not None else None)
     if summary.get("stream_unechoed_bytes"):
-        # The summary knows the bytes that never came back, even when the last W line is missing.
+        # The summary counts the bytes that never came back, even when the last W line is missing.
         sent = max(sent, echoed + int(summary["stream_unechoed_bytes"]))
     intact = mismatch.empty and echoed == sent
     if not connected and error is None:
@@ -270,9 +270,9 @@ def switchover_phases(*, paused_at_s: float | None, resumed_at_s: float | None,
     if echo is not None:
         received = echo["received_s"]
         before = received[received <= paused_at_s]
-        phases["last_answer_before_s"] = float(before.max()) if len(before) else None
+        phases["last_reply_before_s"] = float(before.max()) if len(before) else None
         after_from = resumed_at_s if resumed_at_s is not None else paused_at_s
-        phases["first_answer_after_s"] = _first(received[received >= after_from])
+        phases["first_reply_after_s"] = _first(received[received >= after_from])
     if capture is not None:
         announcements, segments = capture_series(capture, t0_ns)
         announced = announcements[(announcements["t_s"] >= paused_at_s)

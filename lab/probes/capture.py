@@ -81,8 +81,8 @@ def format_mac(data: bytes) -> str:
 
 
 # A program is a list of (opcode, true-target, false-target, constant), where
-# targets are labels; "accept" and "drop" are the two return instructions
-# that every program ends with.
+# targets are labels. Every program ends with the two return instructions
+# "accept" and "drop".
 _Instruction = tuple[int, str | None, str | None, int]
 
 
@@ -142,7 +142,7 @@ def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]])
 
 @dataclass(frozen=True)
 class Frame:
-    """What the capture keeps of one frame."""
+    """The fields the capture keeps of one frame."""
 
     direction: str  # from-guest or to-guest
     kind: str  # rarp, arp, echo, stream, ip or other

@@ -1,8 +1,8 @@
 """The guest's own view: its workload's progress reports on the harness's clock.
 
 The workload stamps each report with the guest's CLOCK_MONOTONIC (``t_ms``),
-and that clock stops while the guest is paused: under TCG it follows QEMU's
-virtual clock, which stands still while the VM is stopped. So guest time
+and that clock stops while the guest is paused, because under TCG it follows
+QEMU's virtual clock, which does not advance while the VM is stopped. So guest time
 and harness time differ by a different offset before and after each
 switch-over. Every echo reply carries the guest's CLOCK_MONOTONIC at
 receipt, between the client's send and receive times of the same request,
@@ -127,7 +127,7 @@ def guest_figures(series: pd.DataFrame, *, source_host: str, destination_host: s
     time from 0 to ``transfer_end_s``, or to the last report when it is
     None. Recovery is measured from ``paused_at_s`` to the start of the
     first interval, ending after the pause, whose throughput is at least 90 %
-    of "before"; it is 0 when the interval that contains the pause already is.
+    of "before". It is 0 when the interval that contains the pause already is.
     """
     timed = series[series["throughput_pps"].notna() & series["t_s"].notna()]
     counts = {"reports_source": int((series["host"] == source_host).sum()),
@@ -139,7 +139,9 @@ def guest_figures(series: pd.DataFrame, *, source_host: str, destination_host: s
 
     before = timed[timed["t_s"] <= 0]["throughput_pps"]
     baseline = float(before.median()) if len(before) else None
-    end_s = transfer_end_s if transfer_end_s is not None else (float(timed["t_s"].max()) if len(timed) else 0.0)
+    end_s = transfer_end_s
+    if end_s is None:
+        end_s = float(timed["t_s"].max()) if len(timed) else 0.0
     during = timed[(timed["t_s"] > 0) & (timed["interval_start_s"] < end_s)]["throughput_pps"]
     minimum = float(during.min()) if len(during) else None
     slowdown = None

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunClock:
-    """Where a run's migration sits on CLOCK_MONOTONIC, and its phase times on the run's clock (s)."""
+    """The start of a run's migration on CLOCK_MONOTONIC, and its phase times on the run's clock (s)."""
 
     t0_ns: int
     completed: bool

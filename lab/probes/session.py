@@ -38,7 +38,7 @@ READY_POLL_S = 0.1
 
 @dataclass(frozen=True)
 class ProbePlan:
-    """Which probes run and how fast. A rate of 0 turns that probe off."""
+    """The probes to run and their rates. A rate of 0 turns that probe off."""
 
     echo_rate_hz: float = 1000.0
     stream_rate_kib_s: float = 64.0
@@ -60,7 +60,7 @@ class ProbePlan:
 
 @dataclass
 class ProbeOutputs:
-    """What the probe processes recorded; None for a probe that did not run."""
+    """The parsed output of the probe processes; None for a probe that did not run."""
 
     agent: AgentOutput | None
     capture: CaptureOutput | None
@@ -143,7 +143,7 @@ class _ProbeProcess:
 
 
 class ProbeSession:
-    """The probes of one run: start them, wait until the guest answers, stop them and read their output.
+    """The probes of one run: start them, wait until the guest replies, stop them and read their output.
 
     Use it as a context manager, so the processes and their folder are
     removed on every exit path. The client is ``lab``'s client host; the
@@ -171,7 +171,7 @@ class ProbeSession:
         self.close()
 
     def start(self) -> None:
-        """Start the capture first, then the agent, so the capture sees the agent's first frames."""
+        """Start the capture first, then the agent, so the capture records the agent's first frames."""
         self._folder = Path(tempfile.mkdtemp(prefix="mlab-probes-"))
         python = [sys.executable, "-m"]
         if self.plan.capture:
@@ -196,8 +196,8 @@ class ProbeSession:
         log.info("probes started: echo %g Hz, stream %g KiB/s, capture %s", self.plan.echo_rate_hz,
                  self.plan.stream_rate_kib_s, "on" if self.plan.capture else "off")
 
-    def wait_until_answering(self, timeout_s: float) -> str | None:
-        """Wait until the guest answers an echo request and accepted the stream.
+    def wait_for_replies(self, timeout_s: float) -> str | None:
+        """Wait until the guest replies to an echo request and accepted the stream.
 
         Returns None when it did, or a sentence saying what is missing after
         ``timeout_s``. Returns None at once when no agent runs.
@@ -214,7 +214,7 @@ class ProbeSession:
             if echo_ready and stream_ready:
                 return None
             if not self._agent.running():
-                return "the probe agent exited before the guest answered: " + self._agent.stderr_tail()
+                return "the probe agent exited before the guest replied: " + self._agent.stderr_tail()
             if " stream-error " in text:
                 return "the probe's stream connection to the guest failed before the migration"
             if time.monotonic() >= deadline:
@@ -230,7 +230,7 @@ class ProbeSession:
             return self._outputs
         problems = []
         agent = capture = None
-        # The agent stops first, so the capture still sees the frames of its last requests.
+        # The agent stops first, so the capture still records the frames of its last requests.
         if self._agent is not None:
             problem = self._agent.stop()
             if problem:

@@ -2,9 +2,9 @@
  * mlab-responder: the network end of the client probes, run in the guest
  * next to the memory workload.
  *
- * UDP echo (default port 7007): a request of at least 24 bytes that starts
- * with the magic "MLPE" is answered with its first 24 bytes followed by the
- * guest's CLOCK_MONOTONIC time of receipt in ns, as a big-endian uint64
+ * UDP echo (default port 7007): for a request of at least 24 bytes that
+ * starts with the magic "MLPE", the reply is its first 24 bytes followed by
+ * the guest's CLOCK_MONOTONIC time of receipt in ns, as a big-endian uint64
  * (32 bytes in all). The harness uses that time to put the guest's console
  * reports on its own clock. Other datagrams are dropped.
  *
