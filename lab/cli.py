@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -119,7 +120,7 @@ def _print_hosts(local_lab) -> None:
 
 @main.group("image")
 def image_group() -> None:
-    """Build the guest image (kernel and initramfs with the workload)."""
+    """Build the guest image (kernel and initramfs with the workload) and copy it to hosts."""
 
 
 @image_group.command("build")
@@ -132,6 +133,103 @@ def image_build(force: bool) -> None:
     console.print(f"image {image.digest[:16]} kernel {image.kernel_version}")
     console.print(f"  kernel: {image.kernel}")
     console.print(f"  initrd: {image.initrd}")
+
+
+@image_group.command("push")
+@click.argument("inventory")
+def image_push(inventory: str) -> None:
+    """Copy the guest image to every libvirt host of INVENTORY, verified by SHA-256.
+
+    INVENTORY is an inventory file, or 'local' for the local lab's. Hosts
+    that already have the image are skipped.
+    """
+    from lab.guest.image import build_image
+    from lab.hosts.image_push import push_image
+
+    inventory_model = _load_inventory_argument(inventory)
+    image = build_image()
+    results = push_image(inventory_model, image)
+    table = Table("host", "result", "MiB sent", "seconds")
+    for result in results:
+        style = {"present": "green", "pushed": "green", "failed": "red"}[result.action]
+        table.add_row(result.host, f"[{style}]{result.action}[/]", f"{result.bytes_sent / 2**20:.1f}",
+                      f"{result.seconds:.1f}")
+    console.print(f"image {image.digest[:16]} to {inventory_model.image_dir}/{image.digest[:16]}…")
+    console.print(table)
+    failed = [result for result in results if result.action == "failed"]
+    for result in failed:
+        err_console.print(f"{result.host}: {escape(result.error or '')}", highlight=False, soft_wrap=True)
+    if failed:
+        raise LabError(f"image push failed on {len(failed)} of {len(results)} hosts")
+
+
+# -- hosts -------------------------------------------------------------------
+
+def _load_inventory_argument(value: str):
+    """Load the inventory a command names: a file, or 'local' for the local lab's own."""
+    from lab.inventory import load_inventory
+
+    if value == "local":
+        lab_instance = local_lab()
+        if not lab_instance.inventory_file.is_file():
+            raise LabError(f"the local lab at {lab_instance.root} is not up, so it has no inventory; "
+                           "run 'migrlab lab up' first")
+        return load_inventory(lab_instance.inventory_file)
+    return load_inventory(Path(value))
+
+
+_STATUS_STYLES = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
+
+
+@main.group("hosts")
+def hosts_group() -> None:
+    """Check the hosts of an inventory (real servers or the local lab) over SSH."""
+
+
+@hosts_group.command("check")
+@click.argument("inventory")
+@click.option("--playbook", "playbook_path", type=click.Path(path_type=Path),
+              help="Count only the checks this playbook needs: userfaultfd only for postcopy strategies, "
+                   "memory for its largest guest.")
+@click.option("--accelerator", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="Accelerator to prove by booting the guest; auto tries KVM, then TCG.")
+def hosts_check(inventory: str, playbook_path: Path | None, accelerator: str) -> None:
+    """Run the preflight checks on every host of INVENTORY in parallel and print one table.
+
+    INVENTORY is an inventory file, or 'local' for the local lab's. Exits
+    with status 1 if a host fails a check that the playbook needs.
+    """
+    from lab.guest.image import build_image
+    from lab.hosts.checks import CHECKS, Requirements, check_hosts
+    from lab.playbook import load_playbook
+
+    inventory_model = _load_inventory_argument(inventory)
+    book = load_playbook(playbook_path) if playbook_path is not None else None
+    report = check_hosts(inventory_model, build_image(), Requirements.from_playbook(book, accelerator))
+
+    # Versions read libvirt/QEMU, memory is MemAvailable, clock the offset to this machine.
+    table = Table("host", "role", *CHECKS, title=f"preflight of {inventory_model.name}", box=box.SIMPLE_HEAD)
+    for host_report in report.hosts:
+        cells = []
+        for name in CHECKS:
+            result = host_report.results.get(name)
+            if result is None:
+                cells.append("-")
+                continue
+            note = "" if result.needed else " (not needed)"
+            cells.append(f"[{_STATUS_STYLES[result.status]}]{escape(result.summary)}{note}[/]")
+        table.add_row(host_report.host.name, host_report.host.role, *cells)
+    console.print(table)
+    for host_report in report.hosts:
+        for name, result in host_report.results.items():
+            if result.status in ("fail", "warn") and result.detail:
+                console.print(f"{host_report.host.name} {name} {result.status}: {escape(result.detail)}",
+                              highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    if not report.ok:
+        failed = sorted({host_report.host.name for host_report in report.hosts if host_report.failures})
+        raise LabError(f"hosts failed needed checks: {', '.join(failed)}")
 
 
 # -- doctor ------------------------------------------------------------------
@@ -161,15 +259,19 @@ def doctor(accelerator: str) -> None:
               help="auto uses KVM only after it booted the guest, else TCG.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write the report when the runs are done.")
-def run(playbook: Path, results_root: Path, resume: bool, accelerator: str, make_report: bool) -> None:
-    """Run every scenario of PLAYBOOK on the local lab and store each run."""
+@click.option("--inventory", default=None,
+              help="Lab to run on instead of the playbook's: 'local' (namespaces), 'local-ssh' (the local lab "
+                   "over SSH) or an inventory file.")
+def run(playbook: Path, results_root: Path, resume: bool, accelerator: str, make_report: bool,
+        inventory: str | None) -> None:
+    """Run every scenario of PLAYBOOK on the lab its inventory names and store each run."""
     from lab.playbook import load_playbook
     from lab.report import write_report
     from lab.runner import ExperimentRunner
 
     book = load_playbook(playbook)
     runner = ExperimentRunner(book, results_root=results_root, lab=local_lab(), accelerator=accelerator,
-                              show_progress=sys.stderr.isatty())
+                              show_progress=sys.stderr.isatty(), inventory=inventory)
     summary = runner.run(resume=resume)
     counts: dict[str, int] = {}
     for outcome in summary.outcomes.values():

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError,
                       ValidationInfo, model_validator)
@@ -54,6 +54,8 @@ BandwidthMiBs = Annotated[int, Field(gt=0)]
 DowntimeLimitMs = Annotated[int, Field(gt=0)]
 MaxTimeS = Annotated[int, Field(gt=0)]
 PostcopyAfterIterations = Annotated[int, Field(ge=1)]
+# Rate of the shaped migration link in MiB/s; None leaves the link unshaped.
+LinkRateMiBs = Annotated[int, Field(gt=0)]
 ScenarioId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=200)]
 
 # Scenario fields in id order, each with the playbook section that sets its base value.
@@ -69,7 +71,11 @@ SCENARIO_FIELDS: dict[str, str] = {
     "downtime_limit_ms": "migration",
     "max_time_s": "migration",
     "postcopy_after_iterations": "migration",
+    "link_rate_mib_s": "link",
 }
+
+# Scenario fields whose attribute in their section has another name.
+_SECTION_ATTRIBUTES = {"link_rate_mib_s": "rate_mib_s"}
 
 # Fields without a usable default: the base section or the matrix must set them.
 REQUIRED_FIELDS = ("strategy", "memory_mib", "working_set_mib", "dirty_rate_mib_s")
@@ -79,9 +85,10 @@ _ID_PREFIX = {
     "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "nic_model": "", "working_set_mib": "ws",
     "dirty_rate_mib_s": "rate", "pattern": "", "bandwidth_mib_s": "bw",
     "downtime_limit_ms": "dt", "max_time_s": "max", "postcopy_after_iterations": "pc",
+    "link_rate_mib_s": "link",
 }
 _ID_NULL = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "default",
-            "postcopy_after_iterations": "off"}
+            "postcopy_after_iterations": "off", "link_rate_mib_s": "unshaped"}
 
 _CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -106,6 +113,7 @@ class Scenario(BaseModel):
     downtime_limit_ms: DowntimeLimitMs | None
     max_time_s: MaxTimeS
     postcopy_after_iterations: PostcopyAfterIterations | None
+    link_rate_mib_s: LinkRateMiBs | None = None
     nic_model: NicModel = "e1000"
 
     @model_validator(mode="before")
@@ -235,6 +243,55 @@ class ProbesSection(BaseModel):
     ready_timeout_s: Annotated[int, Field(gt=0)] = 30
 
 
+class LinkSection(BaseModel):
+    """Shaping of the migration link: a token bucket (tc tbf) on each libvirt host's migration interface.
+
+    A null rate leaves the link as it is. The shaping is applied before each
+    run and removed after it, so a run can compare a link rate with QEMU's
+    own bandwidth cap (migration.bandwidth_mib_s).
+    """
+
+    model_config = _CONFIG
+    rate_mib_s: LinkRateMiBs | None = None
+
+
+class EchoProbeSection(BaseModel):
+    """UDP echo requests from the client host to the guest, one every 1 / rate_hz seconds."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+    rate_hz: Annotated[float, Field(gt=0, le=10000, allow_inf_nan=False)] = 1000.0
+
+
+class StreamProbeSection(BaseModel):
+    """A TCP connection from the client host that streams records the guest echoes back."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+    rate_kib_s: Annotated[float, Field(gt=0, le=10240, allow_inf_nan=False)] = 64.0
+
+
+class CaptureProbeSection(BaseModel):
+    """Frames of the guest's MAC address on the lab switch's ports, to time the announcements."""
+
+    model_config = _CONFIG
+    enabled: bool = True
+
+
+class ProbesSection(BaseModel):
+    """Measurements taken from outside the guest during each run; all run unless turned off here."""
+
+    model_config = _CONFIG
+    echo: EchoProbeSection = EchoProbeSection()
+    stream: StreamProbeSection = StreamProbeSection()
+    capture: CaptureProbeSection = CaptureProbeSection()
+    # Time the probes run before the migration call, so that round trips and
+    # guest throughput have a baseline, in seconds.
+    baseline_s: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 3.0
+    # From the start of the probes until the guest must have answered, in seconds.
+    ready_timeout_s: Annotated[int, Field(gt=0)] = 30
+
+
 class TimeoutsSection(BaseModel):
     """Timeouts in seconds."""
 
@@ -256,6 +313,11 @@ class Playbook(BaseModel):
     guest: GuestSection = GuestSection()
     workload: WorkloadSection = WorkloadSection()
     migration: MigrationSection = MigrationSection()
+    link: LinkSection = LinkSection()
+    # "local" runs on the local lab through its namespaces, "local-ssh" on the
+    # local lab through SSH, and any other value is the path of an inventory
+    # file, relative to the playbook's folder.
+    inventory: Annotated[str, Field(min_length=1)] = "local"
     matrix: dict[str, list[Any]] = {}
     repetitions: Annotated[int, Field(ge=1)] = 1
     probes: ProbesSection = ProbesSection()
@@ -286,8 +348,10 @@ class Playbook(BaseModel):
 
     def base_values(self) -> dict[str, Any]:
         """Return the scenario fields as the base sections set them."""
-        sections = {"guest": self.guest, "workload": self.workload, "migration": self.migration}
-        return {name: getattr(sections[section], name) for name, section in SCENARIO_FIELDS.items()}
+        sections = {"guest": self.guest, "workload": self.workload, "migration": self.migration,
+                    "link": self.link}
+        return {name: getattr(sections[section], _SECTION_ATTRIBUTES.get(name, name))
+                for name, section in SCENARIO_FIELDS.items()}
 
     def scenarios(self) -> list[Scenario]:
         """Expand the matrix into scenarios.
@@ -310,8 +374,10 @@ class Playbook(BaseModel):
                 yield scenario, repetition
 
 
-class PlaybookError(ConfigError):
-    """All problems found in one playbook, with one ConfigError per problem in ``errors``."""
+class ConfigFileError(ConfigError):
+    """All problems found in one YAML file, with one ConfigError per problem in ``errors``."""
+
+    kind = "file"
 
     def __init__(self, errors: list[ConfigError], path: str):
         self.errors = list(errors)
@@ -321,7 +387,13 @@ class PlaybookError(ConfigError):
                              fix=first.fix, line=first.line)
         else:
             listing = "\n".join(f"  - {error}" for error in self.errors)
-            super().__init__(f"invalid playbook, {len(self.errors)} errors:\n{listing}", path=path)
+            super().__init__(f"invalid {self.kind}, {len(self.errors)} errors:\n{listing}", path=path)
+
+
+class PlaybookError(ConfigFileError):
+    """All problems found in one playbook."""
+
+    kind = "playbook"
 
 
 @dataclass(frozen=True)
@@ -335,6 +407,11 @@ class _Problem:
 
     def key(self) -> tuple:
         return (self.loc, self.message)
+
+
+def _base_loc(name: str) -> tuple[str, str]:
+    """Return the (section, key) that sets the base value of scenario field ``name``."""
+    return (SCENARIO_FIELDS[name], _SECTION_ATTRIBUTES.get(name, name))
 
 
 def _format_loc(loc: tuple[str | int, ...]) -> str:
@@ -363,11 +440,17 @@ def _close_match(word: Any, choices: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Playbook
+def _model_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """Return the model that validates the mapping at ``loc`` below ``root`` (the Playbook by default)."""
+    model: type[BaseModel] = root or Playbook
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if isinstance(part, int):
+            # An index into a list of models: the model stays the list's item model.
+            continue
+        field = model.model_fields.get(part)
         annotation = field.annotation if field else None
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -382,8 +465,9 @@ _TYPE_NAMES = {
 }
 
 
-def _describe_pydantic_error(error: dict[str, Any]) -> tuple[str, str | None]:
-    """Turn one pydantic error into (message, fix)."""
+def _describe_pydantic_error(error: dict[str, Any],
+                             root: type[BaseModel] | None = None) -> tuple[str, str | None]:
+    """Turn one pydantic error into (message, fix); ``root`` is the model validated (the Playbook by default)."""
     kind = error["type"]
     ctx = error.get("ctx") or {}
     loc = error["loc"]
@@ -392,7 +476,7 @@ def _describe_pydantic_error(error: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "missing":
         return "required key is missing", "Add it"
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], root)
         names = sorted(model.model_fields) if model else []
         match = _close_match(field, names)
         fix = f"Did you mean '{match}'?" if match else f"Valid keys: {', '.join(names)}"
@@ -418,11 +502,12 @@ def _describe_pydantic_error(error: dict[str, Any]) -> tuple[str, str | None]:
     return error["msg"], None
 
 
-def _pydantic_problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[_Problem]:
+def _pydantic_problems(exc: ValidationError, prefix: tuple[str | int, ...] = (),
+                       root: type[BaseModel] | None = None) -> list[_Problem]:
     problems = []
     for error in exc.errors():
         loc = prefix + tuple(error["loc"])
-        message, fix = _describe_pydantic_error({**error, "loc": loc})
+        message, fix = _describe_pydantic_error({**error, "loc": loc}, root)
         if error["type"] == "extra_forbidden":
             value = loc[-1]
         elif error["type"] == "missing":
@@ -478,7 +563,7 @@ def _scenario_problems(playbook: Playbook) -> list[_Problem]:
     problems = []
     for name in REQUIRED_FIELDS:
         if base[name] is None and name not in matrix:
-            problems.append(_Problem((SCENARIO_FIELDS[name], name), "required key is missing",
+            problems.append(_Problem(_base_loc(name), "required key is missing",
                                      None, f"Set it here or list its values under matrix.{name}"))
     if problems:
         return problems
@@ -499,7 +584,7 @@ def _scenario_problems(playbook: Playbook) -> list[_Problem]:
                                    None, fix)
             else:
                 name = fields[0]
-                problem = _Problem((SCENARIO_FIELDS[name], name), message, base[name], fix)
+                problem = _Problem(_base_loc(name), message, base[name], fix)
             if problem.key() not in seen:
                 seen.add(problem.key())
                 problems.append(problem)
@@ -596,15 +681,16 @@ def _line_of(document: Any, loc: tuple[str | int, ...]) -> int | None:
     return None if line is None else line + 1
 
 
-def _read_yaml(path: Path) -> tuple[bytes, Any]:
+def _read_yaml(path: Path, kind: str = "playbook",
+               missing_fix: str = "Check the path, or start from playbooks/quickstart.yaml") -> tuple[bytes, Any]:
+    """Read a YAML file of the given ``kind`` with ruamel's round-trip loader, which keeps line numbers."""
     where = str(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError("playbook not found", path=where,
-                          fix="Check the path, or start from playbooks/quickstart.yaml") from None
+        raise ConfigError(f"{kind} not found", path=where, fix=missing_fix) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read playbook: {exc.strerror}", path=where) from exc
+        raise ConfigError(f"cannot read {kind}: {exc.strerror}", path=where) from exc
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -621,6 +707,17 @@ def _read_yaml(path: Path) -> tuple[bytes, Any]:
         raise ConfigError(f"invalid YAML: {message or exc}", path=where, line=line,
                           fix="Fix the YAML syntax") from None
     return data, document
+
+
+def _file_error(error_class: type[ConfigFileError], problems: list[_Problem], document: Any,
+                where: str) -> ConfigFileError:
+    """Build one error of ``error_class`` from the problems, each with its line in ``document``."""
+    errors = [ConfigError(problem.message, path=where, field=_format_loc(problem.loc),
+                          value=problem.value, fix=problem.fix,
+                          line=_line_of(document, problem.loc))
+              for problem in problems]
+    errors.sort(key=lambda error: error.line or 0)
+    return error_class(errors, where)
 
 
 def load_playbook(path: str | Path) -> Playbook:
@@ -651,12 +748,7 @@ def load_playbook(path: str | Path) -> Playbook:
         problems.extend(_scenario_problems(playbook))
 
     if problems:
-        errors = [ConfigError(problem.message, path=where, field=_format_loc(problem.loc),
-                              value=problem.value, fix=problem.fix,
-                              line=_line_of(document, problem.loc))
-                  for problem in problems]
-        errors.sort(key=lambda error: error.line or 0)
-        raise PlaybookError(errors, where)
+        raise _file_error(PlaybookError, problems, document, where)
 
     playbook._path = path
     playbook._sha256 = hashlib.sha256(data).hexdigest()

@@ -23,7 +23,8 @@ from lab.playbook import ExperimentName, Scenario, ScenarioId
 
 log = logging.getLogger(__name__)
 
-# Version 2 added ``observed``; records of version 1 read as having no observations.
+# Version 2 added ``observed`` and ``host_figures``; records of version 1 read as having
+# no observations and no host figures.
 SCHEMA_VERSION = 2
 
 Outcome = Literal["completed", "failed", "cancelled", "timed-out", "guest-crashed",
@@ -334,6 +335,29 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+class HostFigures(BaseModel):
+    """Figures the harness read on one libvirt host during the migration, over SSH or in its namespaces.
+
+    The window runs from a sample taken before the migration call to one
+    taken after the call returned, with samples 0.1 s apart. Interface
+    counters include all traffic on the interface, SSH to the host included
+    when it shares the interface.
+    """
+
+    model_config = _CONFIG
+
+    host: Annotated[str, Field(min_length=1)]
+    role: Literal["source", "destination"]
+    interface: str
+    samples: NonNegativeInt = 0
+    window_ms: NonNegativeFloat | None = None
+    qemu_cpu_ms: NonNegativeFloat | None = Field(
+        None, description="CPU time (user + system) of the guest's QEMU process in the window; on the source "
+                          "up to its last sample before it exited, on the destination since it started")
+    rx_bytes: NonNegativeInt | None = Field(None, description="bytes received on the interface in the window")
+    tx_bytes: NonNegativeInt | None = Field(None, description="bytes sent on the interface in the window")
+
+
 class RunRecord(BaseModel):
     """Everything stored about one run, written as record.json."""
 
@@ -358,6 +382,7 @@ class RunRecord(BaseModel):
     integrity: Integrity
     environment: Environment
     observed: Observed = Observed()
+    host_figures: list[HostFigures] = []
     warnings: list[str] = []
 
     @model_validator(mode="before")

@@ -25,19 +25,21 @@ from lab import domain, store
 from lab.accel import choose_accelerator
 from lab.environment import describe
 from lab.errors import LabError
-from lab.events import open_connection
 from lab.guest.console import scan_console
 from lab.guest.image import GuestImage, build_image, kernel_cmdline
-from lab.hosts.local import HostInfo, LocalLab
+from lab.hosts.access import LabAccess, RunHost, choose_lab, lock_name, open_access
+from lab.hosts.figures import HostWindow
+from lab.hosts.local import LocalLab
+from lab.hosts.shell import HostFile
 
 from lab.migrate import Migration, MigrationResult, MigrationSettings
 from lab.locking import experiment_lock
-from lab.paths import state_dir
 from lab.preflight import available_memory_mib, check_guest_memory, check_results_writable
 from lab.playbook import Playbook, Scenario
 from lab.probes.observe import RunClock, observe_run
 from lab.probes.session import ProbeOutputs, ProbePlan, ProbeSession
-from lab.records import Environment, Integrity, Measured, MigrationStats, Observed, RunRecord, make_timeline
+from lab.records import (Environment, HostFigures, Integrity, Measured, MigrationStats, Observed, RunRecord,
+                         make_timeline)
 from lab.timeline import encode_parts
 
 log = logging.getLogger(__name__)
@@ -74,18 +76,18 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def console_path(host: HostInfo, guest_name: str) -> Path:
-    return Path(host.log_dir) / "qemu" / f"{guest_name}-console.log"
+def console_path(host: RunHost, guest_name: str) -> Path | HostFile:
+    return host.console_file(guest_name)
 
 
-def read_console(path: Path) -> str:
+def read_console(path: Path | HostFile) -> str:
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
 
 
-def wait_for_reports(path: Path, *, after_seq: int, count: int, timeout_s: float,
+def wait_for_reports(path: Path | HostFile, *, after_seq: int, count: int, timeout_s: float,
                      dom: libvirt.virDomain | None = None) -> tuple[int, int]:
     """Wait until *path* shows *count* workload reports numbered above *after_seq*.
 
@@ -105,14 +107,30 @@ def wait_for_reports(path: Path, *, after_seq: int, count: int, timeout_s: float
         time.sleep(0.25)
 
 
+def _samples_csv(windows: list[HostWindow]) -> bytes:
+    """Return the host-side samples of a run as CSV: one row per host and sample."""
+    rows = [row for window in windows for row in window.rows()]
+    columns = ["t_s", "host", "role", "rx_bytes", "tx_bytes", "qemu_cpu_ms"]
+    lines = [",".join(columns)]
+    for row in rows:
+        lines.append(",".join("" if row[column] is None else str(row[column]) for column in columns))
+    return ("\n".join(lines) + "\n").encode()
+
+
 class ExperimentRunner:
-    """Run every scenario and repetition of a playbook on a local lab."""
+    """Run every scenario and repetition of a playbook on the lab its inventory names.
+
+    ``inventory`` overrides the playbook's inventory value: "local",
+    "local-ssh" or the path of an inventory file.
+    """
 
     def __init__(self, playbook: Playbook, *, results_root: Path, lab: LocalLab | None = None,
-                 accelerator: str = "auto", show_progress: bool = True):
+                 accelerator: str = "auto", show_progress: bool = True, inventory: str | None = None):
         self.playbook = playbook
         self.results_root = results_root
         self.lab = lab or LocalLab()
+        self.lab_choice = choose_lab(playbook, inventory)
+        self.access: LabAccess | None = None
         self.accelerator_request = accelerator
         self.show_progress = show_progress
         self._migration: Migration | None = None
@@ -121,30 +139,32 @@ class ExperimentRunner:
     # -- setup -------------------------------------------------------------
 
     def _prepare(self) -> None:
-        self.lab.up(hosts=self.playbook.lab.hosts)
-        hosts = [h for h in self.lab.hosts() if h.is_libvirt_host]
-        self.source_host, self.destination_host = hosts[0], hosts[1]
+        self.access = open_access(self.lab_choice, self.lab, hosts=self.playbook.lab.hosts)
+        self.source_host, self.destination_host = self.access.source, self.access.destination
         self.image: GuestImage = build_image()
-        self.source = open_connection(self.source_host.libvirt_uri)
-        self.destination = open_connection(self.destination_host.libvirt_uri)
+        self.access.check_image(self.image)
+        self.source = self.source_host.connect()
+        self.destination = self.destination_host.connect()
         probe = self._guest_spec("mlab-accel-probe", "accelerator-probe", self._probe_scenario(), "kvm")
         self.accelerator, reason = choose_accelerator(
-            self.source, probe, console_path(self.source_host, probe.name), state_dir(),
+            self.source, probe, console_path(self.source_host, probe.name), self.access.accelerator_dir,
             requested=self.accelerator_request)
         log.info("accelerator: %s (%s)", self.accelerator, reason)
-        self.environment = Environment(**describe(
+        self.environment = Environment(**{**describe(
             self.source, accelerator=self.accelerator, guest_image_digest=self.image.digest,
-            guest_kernel_version=self.image.kernel_version, playbook_sha256=self.playbook.sha256))
+            guest_kernel_version=self.image.kernel_version, playbook_sha256=self.playbook.sha256),
+            **self.access.platform()})
 
     def _probe_scenario(self) -> Scenario:
         return self.playbook.scenarios()[0]
 
     def _guest_spec(self, name: str, run_id: str, scenario: Scenario, accelerator: str) -> domain.GuestSpec:
-        address = f"{self.lab.guest_address(GUEST_ADDRESS_OFFSET)}/{self.lab.network.prefixlen}"
+        address = self.access.guest_address
         cmdline = kernel_cmdline(scenario.working_set_mib, scenario.dirty_rate_mib_s, scenario.pattern, ip=address)
+        kernel, initrd = self.access.image_paths(self.image)
         return domain.GuestSpec(
             name=name, run_id=run_id, memory_mib=scenario.memory_mib, vcpus=scenario.vcpus,
-            kernel=self.image.kernel, initrd=self.image.initrd, cmdline=cmdline,
+            kernel=kernel, initrd=initrd, cmdline=cmdline,
             accelerator=accelerator, bridge=self.source_host.guest_bridge,
             mac=domain.guest_mac(GUEST_ADDRESS_OFFSET), nic_model=scenario.nic_model)
 
@@ -153,17 +173,22 @@ class ExperimentRunner:
             if conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.close()
+        if self.access is not None:
+            self.access.close()
 
     # -- the matrix ----------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> ExperimentSummary:
-        check_guest_memory(self.playbook, available_memory_mib())
+        if self.lab_choice.local:
+            # Both hosts of the local lab share this machine's memory; for
+            # other labs, 'migrlab hosts check' checks each host's memory.
+            check_guest_memory(self.playbook, available_memory_mib())
         check_results_writable(self.results_root)
         experiment_dir = store.init_experiment(self.results_root, self.playbook, resume=resume)
         summary = ExperimentSummary(experiment_dir)
         finished = self._finished_runs(experiment_dir) if resume else set()
         plan = list(self.playbook.runs())
-        with _sigterm_as_interrupt(), experiment_lock(self.lab.prefix):
+        with _sigterm_as_interrupt(), experiment_lock(lock_name(self.lab_choice, self.lab)):
             try:
                 self._prepare()
                 self._run_plan(plan, finished, experiment_dir, summary)
@@ -226,7 +251,10 @@ class ExperimentRunner:
         dom = None
         probes: ProbeSession | None = None
         probe_outputs: ProbeOutputs | None = None
+        windows: list[HostWindow] = []
+        link = self.access.shaped_link(scenario.link_rate_mib_s)
         try:
+            link.__enter__()
             t = time.monotonic()
             dom = domain.boot(self.source, spec)
             seen, last_seq = wait_for_reports(source_console, after_seq=-1, count=REPORTS_BEFORE_MIGRATION,
@@ -245,11 +273,14 @@ class ExperimentRunner:
             self._migration = Migration(dom, self.source, self.destination, settings,
                                         source_name=self.source_host.name,
                                         destination_name=self.destination_host.name)
+            sampler = self._start_sampler(name, scenario, warnings)
             try:
                 result = self._migration.run()
                 self._interrupted = self._migration.interrupted
             finally:
                 self._migration = None
+                if sampler is not None:
+                    windows = sampler.stop()
             phases["migration_s"] = time.monotonic() - t
             warnings.extend(result.warnings)
 
@@ -270,18 +301,33 @@ class ExperimentRunner:
                 probe_outputs = probes.stop()
                 probes.close()
             self._remove_guest(name)
+            link.remove()
 
         files = {}
         for host, path in ((self.source_host, source_console), (self.destination_host, destination_console)):
             if path.exists():
                 files[f"console-{host.name}.log"] = path.read_bytes()
                 path.unlink()
+        if windows:
+            files["host-samples.csv"] = _samples_csv(windows)
         observed = self._observe(result, probe_outputs, files, warnings)
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
-                              phases, warnings, observed=observed)
+                              phases, warnings, observed=observed,
+                              host_figures=[HostFigures.model_validate(window.figures()) for window in windows])
         timeline = make_timeline(result.samples if result else [])
         events = [event.as_dict() for event in result.events] if result else []
         return record, timeline, events, files
+
+    def _start_sampler(self, guest_name: str, scenario: Scenario, warnings: list[str]):
+        """Start sampling QEMU's CPU time and the migration interfaces on both hosts, or warn and go without."""
+        sampler = self.access.sampler(guest_name, scenario.max_time_s + 60)
+        try:
+            sampler.start()
+        except LabError as exc:
+            log.warning("no host-side figures for this run: %s", exc)
+            warnings.append(f"host-side figures missing: {exc}")
+            return None
+        return sampler
 
     def _start_probes(self, warnings: list[str]) -> ProbeSession | None:
         """Start the playbook's probes, wait until the guest replies, then probe the baseline."""
@@ -371,7 +417,8 @@ class ExperimentRunner:
                 log.error("could not remove guest %s: %s", name, exc)
 
     def _record(self, run_id, scenario, repetition, started_at, outcome, error, result, integrity, phases,
-                warnings, *, observed: Observed | None = None) -> RunRecord:
+                warnings, *, observed: Observed | None = None,
+                host_figures: list[HostFigures] | None = None) -> RunRecord:
         stats = MigrationStats.from_libvirt(result.completed_stats if result else {})
         measured = Measured(
             wall_total_ms=result.wall_total_ms if result else None,
@@ -386,4 +433,4 @@ class ExperimentRunner:
             destination_host=self.destination_host.name, started_at=started_at,
             ended_at=datetime.now(timezone.utc), outcome=outcome, error=error, stats=stats, measured=measured,
             integrity=integrity, environment=self.environment, observed=observed or Observed(),
-            warnings=warnings)
+            host_figures=host_figures or [], warnings=warnings)

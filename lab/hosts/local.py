@@ -15,10 +15,20 @@ the host's address and takes the guests' tap devices, so a guest keeps its
 MAC and IP address on every host. The root network namespace gets no link,
 address or route, and no lab namespace has a route out of the lab subnet.
 
+Every host, the client included, runs an sshd bound to its lab address
+(``lab.hosts.sshd``), and ``up`` writes an inventory of the lab in the
+format of ``lab.inventory``. The harness reaches those sshds from the
+client's network namespace, so a playbook can drive the local lab over SSH
+exactly like real servers.
+
 Layout of the lab directory (``lab.paths.lab_dir()`` unless given)::
 
     lab.json          LabState, written before the lab creates anything
     lab.lock          flock held by up and down
+    inventory.yaml    the lab's inventory, rewritten by up when it changes
+    ssh/
+      id_ed25519      key pair that logs in to every host as root
+      known_hosts     host keys, pinned on first connection
     ns/               bind-mounted onto itself, private propagation
       <host>.mnt      pinned mount namespace of a libvirt host
       <host>.uts      pinned UTS namespace of a libvirt host
@@ -28,6 +38,10 @@ Layout of the lab directory (``lab.paths.lab_dir()`` unless given)::
       etc/libvirt/    bind-mounted over /etc/libvirt
       run/            bind-mounted over /run: libvirt/libvirt-sock, libvirtd.pid
       var/lib/libvirt/, var/log/libvirt/, var/cache/libvirt/   bound likewise
+      ssh/            sshd_config, host key and sshd.log
+    hosts/client/
+      run/            mounted over /run in the client sshd's own mount namespace
+      ssh/            as for a libvirt host
 """
 
 from __future__ import annotations
@@ -51,9 +65,11 @@ import libvirt
 
 from lab import paths
 from lab.errors import ConfigError, HostError
-from lab.hosts import libvirtd, netns
+from lab.hosts import libvirtd, netns, sshd
 from lab.hosts.processes import LabProcess, NamespaceId, find_processes, stuck_message, terminate
 from lab.hosts.state import HostRecord, LabState, read_state, write_state
+from lab.inventory import (DEFAULT_LIBVIRT_URI, Inventory, InventoryHost, NetworkSection, render_inventory,
+                           write_inventory)
 from lab.hosts.system import (check_root, check_tools, exclusive_lock, is_within, mount_points_under, parse_mountinfo,
                               read_mountinfo, run, tail, topmost_mount_points)
 
@@ -80,7 +96,8 @@ PRIVATE_DIRS = ("run", "etc/libvirt", "var/lib/libvirt", "var/log/libvirt", "var
 # it does not create /var/log/libvirt/qemu before writing a guest's log there.
 SKELETON_DIRS = ("var/log/libvirt/qemu", "var/lib/libvirt/qemu", "var/cache/libvirt/qemu")
 
-TOOLS_FOR_UP = ["ip", "unshare", "nsenter", "mount", "umount", "hostname", "libvirtd", "qemu-system-x86_64"]
+TOOLS_FOR_UP = ["ip", "unshare", "nsenter", "mount", "umount", "hostname", "libvirtd", "qemu-system-x86_64",
+                "sshd", "ssh-keygen"]
 TOOLS_FOR_DOWN = ["ip", "umount"]
 
 LOCK_TIMEOUT = 120.0
@@ -131,6 +148,8 @@ class LabStatus:
     domains: dict[str, list[str]]
     # Each inconsistency found, as a sentence.
     problems: list[str] = field(default_factory=list)
+    # Running sshd pid by host name.
+    ssh_daemons: dict[str, int] = field(default_factory=dict)
 
     @property
     def exists(self) -> bool:
@@ -152,7 +171,9 @@ class LabStatus:
                 else:
                     role = f"libvirtd pid {daemon}"
                 guests = ", ".join(self.domains.get(record.name, [])) or "-"
-                lines.append(f"  {record.name:7} {record.address:15} {role:22} domains: {guests}")
+                ssh = self.ssh_daemons.get(record.name)
+                ssh_text = f"sshd pid {ssh}" if ssh is not None else "sshd down"
+                lines.append(f"  {record.name:7} {record.address:15} {role:22} {ssh_text:16} domains: {guests}")
         else:
             lines.append("lab.json: absent")
         lines.append(f"network namespaces: {', '.join(self.namespaces) or '-'}")
@@ -262,6 +283,19 @@ class LocalLab:
     def host_dir(self, name: str) -> Path:
         return self.hosts_dir / name
 
+    @property
+    def ssh_dir(self) -> Path:
+        return self.root / "ssh"
+
+    @property
+    def key_file(self) -> Path:
+        """Private key that logs in to every host of the lab as root."""
+        return self.ssh_dir / sshd.KEY_NAME
+
+    @property
+    def inventory_file(self) -> Path:
+        return self.root / "inventory.yaml"
+
     def netns_name(self, host: str) -> str:
         return f"{self.prefix}-{host}"
 
@@ -333,6 +367,8 @@ class LocalLab:
                 self._ensure_files(record, state)
                 self._ensure_mount_uts(record, renew=record.name in fresh_networks)
             pids = self._ensure_daemons(libvirt_hosts)
+            self._ensure_ssh(state)
+            self._write_inventory(state)
 
             if pids != state.pids:
                 state = state.model_copy(update={"pids": pids})
@@ -408,9 +444,16 @@ class LocalLab:
                          "without lab.json" for process in processes]
 
         daemons, domains = self._inspect_daemons(state, problems)
+        ssh_daemons = {}
+        for record in state.hosts if state is not None else []:
+            pid = sshd.running_pid(self._run_dir(record.name), netns.netns_path(self.netns_name(record.name)))
+            if pid is None:
+                problems.append(f"sshd of {record.name} is not running; run up to start it")
+            else:
+                ssh_daemons[record.name] = pid
         return LabStatus(root=self.root, prefix=self.prefix, state=state, namespaces=namespaces,
                          unrecorded_namespaces=unrecorded, mounts=mounts, processes=processes,
-                         daemons=daemons, domains=domains, problems=problems)
+                         daemons=daemons, domains=domains, problems=problems, ssh_daemons=ssh_daemons)
 
     def hosts(self) -> list[HostInfo]:
         """Return the lab's hosts, libvirt hosts by number and then the client; [] if not up."""
@@ -447,6 +490,35 @@ class LocalLab:
             raise HostError(f"command {argv} on lab host {host} failed with exit status "
                             f"{result.returncode}: {tail(result.stderr or result.stdout)}")
         return result
+
+    def command(self, host: str, argv: list[str]) -> list[str]:
+        """Return ``argv`` prefixed with the nsenter call that runs it inside a host, for a long-running process."""
+        if not argv:
+            raise ConfigError("empty command", field="argv", value=argv, fix="give the program and its arguments")
+        return [*self._nsenter(self._record(host)), *argv]
+
+    def outside_path(self, host: str, inside: str) -> Path:
+        """Return the root-namespace path of the file that a libvirt host opens at ``inside``.
+
+        Paths below the host's private directories map into the host's
+        folder of the lab directory; any other path is the machine's own.
+        """
+        path = Path(inside)
+        if not path.is_absolute():
+            raise ConfigError("a path inside a lab host must be absolute", field="path", value=inside,
+                              fix="give the absolute path as the host sees it")
+        if self._record(host).is_libvirt_host:
+            for relative in PRIVATE_DIRS:
+                if is_within(str(path), Path("/" + relative)):
+                    return self.host_dir(host) / relative / path.relative_to("/" + relative)
+        return path
+
+    def inventory(self) -> Inventory:
+        """Return the inventory of the lab as ``up`` writes it; raises HostError if the lab is not up."""
+        state = read_state(self.state_file)
+        if state is None:
+            raise HostError(f"the lab at {self.root} is not up, so it has no inventory; run up first")
+        return self._inventory(state)
 
     # State.
 
@@ -539,7 +611,8 @@ class LocalLab:
         if state is not None:
             names |= {record.name for record in state.hosts if record.is_libvirt_host}
         if self.hosts_dir.is_dir():
-            names |= {path.name for path in self.hosts_dir.iterdir() if _HOST_PATTERN.match(path.name)}
+            names |= {path.name for path in self.hosts_dir.iterdir()
+                      if _HOST_PATTERN.match(path.name) and path.name != CLIENT}
         daemons: dict[str, int] = {}
         domains: dict[str, list[str]] = {}
         for name in sorted(names, key=_host_number):
@@ -692,6 +765,56 @@ class LocalLab:
                 log_file=self._log_dir(record.name) / "libvirtd.log", timeout=self.start_timeout)
         return pids
 
+    # SSH.
+
+    def _ensure_ssh(self, state: LabState) -> None:
+        """Make the lab's key pair and start an sshd on every host where none runs."""
+        sshd.ensure_key_pair(self.key_file, f"migrlab-{self.prefix}")
+        for record in sorted(state.hosts, key=_host_order):
+            host_dir = self.host_dir(record.name)
+            ssh_dir = host_dir / "ssh"
+            ssh_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(ssh_dir, 0o700)
+            run_dir = self._run_dir(record.name)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            netns_file = netns.netns_path(self.netns_name(record.name))
+            if sshd.running_pid(run_dir, netns_file) is not None:
+                continue
+            config = sshd.prepare_files(ssh_dir, run_dir, address=record.address, host_name=record.name,
+                                        public_key=self.key_file.with_suffix(".pub"))
+            log_file = ssh_dir / "sshd.log"
+            if record.is_libvirt_host:
+                argv = [*self._nsenter(record), *sshd.sshd_argv(config, log_file)]
+            else:
+                argv = sshd.client_argv(self._nsenter(record), run_dir, config, log_file)
+            log.info("starting sshd on %s", record.name)
+            sshd.start(argv, run_dir=run_dir, netns=netns_file, log_file=log_file, host_name=record.name)
+
+    def _inventory(self, state: LabState) -> Inventory:
+        hosts = []
+        for record in sorted(state.hosts, key=_host_order):
+            hosts.append(InventoryHost(
+                name=record.name, role="libvirt" if record.is_libvirt_host else "client",
+                address=record.address, port=sshd.SSH_PORT, user=sshd.SSH_USER,
+                key_file=str(self.key_file.relative_to(self.root)),
+                libvirt_uri=DEFAULT_LIBVIRT_URI if record.is_libvirt_host else None,
+                lab_address=record.address,
+                migration_interface=GUEST_BRIDGE if record.is_libvirt_host else HOST_LINK))
+        network = NetworkSection(subnet=str(self.network),
+                                 guest_address=f"{self.guest_address()}/{self.network.prefixlen}",
+                                 guest_bridge=GUEST_BRIDGE)
+        return Inventory(name=self.prefix, network=network, hosts=hosts, image_dir=str(paths.image_dir()),
+                         known_hosts=str((self.ssh_dir / "known_hosts").relative_to(self.root)),
+                         control_netns=self.netns_name(CLIENT))
+
+    def _write_inventory(self, state: LabState) -> None:
+        header = (f"# Inventory of the local lab {self.prefix}, written by 'migrlab lab up'.\n"
+                  "# The harness reaches the hosts' sshds from the client's network namespace\n"
+                  "# (control_netns). Relative paths start at this file's folder.\n")
+        text = render_inventory(self._inventory(state), header)
+        if not self.inventory_file.is_file() or self.inventory_file.read_text() != text:
+            write_inventory(self.inventory_file, text)
+
     # Removal.
 
     def _unmount_all(self, failures: list[str]) -> list[str]:
@@ -716,10 +839,11 @@ class LocalLab:
         if left:
             failures.append(f"kept {self.root} because these are still mounted below it: {', '.join(left)}")
             return []
-        for name in ("hosts", "ns"):
+        # "shared" and "qmp" are the save images and QMP sockets that the runner keeps in the lab directory.
+        for name in ("hosts", "ns", "ssh", "shared", "qmp"):
             if (self.root / name).exists():
                 shutil.rmtree(self.root / name)
-        for name in ("lab.json", "lab.json.tmp", "lab.lock"):
+        for name in ("lab.json", "lab.json.tmp", "lab.lock", "inventory.yaml", "inventory.yaml.tmp"):
             (self.root / name).unlink(missing_ok=True)
         try:
             self.root.rmdir()
