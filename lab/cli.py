@@ -325,5 +325,24 @@ def report(results_dir: Path) -> None:
         console.print(f"wrote {path}")
 
 
+# -- plot --------------------------------------------------------------------
+
+@main.group("plot")
+def plot_group() -> None:
+    """Draw figures of single runs."""
+
+
+@plot_group.command("timeline")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG file to write; default RUN_DIR/timeline.png.")
+def plot_timeline_command(run_dir: Path, out_path: Path | None) -> None:
+    """Draw the timeline of the run in RUN_DIR: transfer, dirty rate, pause, probes and guest throughput."""
+    from lab.timeline import load_run_timeline, plot_timeline
+
+    path = plot_timeline(load_run_timeline(run_dir), out_path or run_dir / "timeline.png")
+    console.print(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ FIELD_LABELS = {
     "downtime_limit_ms": ("downtime limit", "ms"),
     "max_time_s": ("max time", "s"),
     "postcopy_after_iterations": ("postcopy after", "iterations"),
+    "nic_model": ("NIC model", ""),
 }
 _NULL_LABELS = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "QEMU default",
                 "postcopy_after_iterations": "never"}
@@ -265,4 +266,61 @@ def plot_time_and_bytes_vs_dirty_rate(runs: pd.DataFrame, other_fields: list[str
             ax.set_ylabel(f"{y_label}, log scale")
         ax.grid(alpha=0.3)
         ax.legend(title="strategy", fontsize="small")
+    return _save(fig, path)
+
+
+# Downtime as QEMU reports it, as libvirt's events bracket it, and as the client sees it.
+DOWNTIME_VIEWS = {
+    "downtime_ms": ("QEMU downtime (source)", "#7f7f7f"),
+    "wall_downtime_ms": ("paused, libvirt events", "#d62728"),
+    "client_downtime_ms": ("client outage, echo probe", "#ff7f0e"),
+}
+
+
+def plot_downtime_views(runs: pd.DataFrame, group_fields: list[str], path: str | Path) -> Path:
+    """Draw QEMU's downtime, the paused time and the client's outage side by side for each strategy.
+
+    One cluster per strategy, and per combination of the other matrix values
+    in ``group_fields``, with one bar per view: the mean over completed
+    runs, one standard deviation as error bar, and each run as a black dot.
+    """
+    path = Path(path)
+    views = [metric for metric in DOWNTIME_VIEWS if metric in runs and runs[metric].notna().any()]
+    keys = ["strategy", *group_fields]
+    data = runs[runs[views].notna().any(axis=1)] if views else runs.iloc[0:0]
+    groups = _group_keys(data, keys) if not data.empty else []
+    strategies = ordered_strategies(data["strategy"]) if not data.empty else []
+    groups.sort(key=lambda key: strategies.index(key[0]))
+    fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_WIDTH_IN, max(7.0, 2.0 + 2.2 * len(groups))), 5))
+    ax.set_title("Downtime reported by QEMU against the outage a client sees")
+    ax.set_ylabel("time (ms)")
+    if not groups:
+        _no_data(ax, "no completed runs with a downtime figure")
+        return _save(fig, path)
+
+    width = 0.8 / len(views)
+    for view_index, metric in enumerate(views):
+        label, color = DOWNTIME_VIEWS[metric]
+        for group_index, key in enumerate(groups):
+            values = _select(data, keys, key)[metric].dropna().to_numpy(dtype=float)
+            if len(values) == 0:
+                continue
+            x = group_index - 0.4 + width * (view_index + 0.5)
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            ax.bar(x, values.mean(), width * 0.9, color=color, alpha=0.85, yerr=std, capsize=3,
+                   error_kw={"elinewidth": 1}, label=label if group_index == 0 else None)
+            ax.text(x, values.mean(), f"{values.mean():.0f}", ha="center", va="bottom", fontsize="x-small")
+            offsets = np.zeros(1) if len(values) == 1 else np.linspace(-width * 0.25, width * 0.25, len(values))
+            ax.scatter(x + offsets, values, s=10, color="black", zorder=3)
+
+    ax.set_xticks(range(len(groups)))
+    tick_labels = [key[0] if not group_fields else f"{key[0]}\n{group_label(group_fields, key[1:])}"
+                   for key in groups]
+    ax.set_xticklabels(tick_labels, rotation=0 if len(groups) <= 5 else 30,
+                       ha="center" if len(groups) <= 5 else "right", fontsize="small")
+    if _use_log_scale(data[views].stack()):
+        ax.set_yscale("log")
+        ax.set_ylabel("time (ms, log scale)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

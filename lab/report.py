@@ -10,7 +10,7 @@ summary.csv
 summary.md
     the same statistics as a Markdown table, the excluded runs, and quality
     warnings.
-downtime_by_strategy.png, time_and_bytes_vs_dirty_rate.png
+downtime_by_strategy.png, time_and_bytes_vs_dirty_rate.png, downtime_qemu_vs_client.png
     figures, see lab.plots.
 
 Runs whose outcome is not "completed" count in n and n_excluded but never in
@@ -29,7 +29,7 @@ import pandas as pd
 
 from lab.errors import ConfigError
 from lab.playbook import SCENARIO_FIELDS, load_playbook
-from lab.plots import (FIELD_LABELS, plot_downtime_by_strategy,
+from lab.plots import (FIELD_LABELS, plot_downtime_by_strategy, plot_downtime_views,
                        plot_time_and_bytes_vs_dirty_rate)
 from lab.store import PLAYBOOK_COPY, find_experiment_dir, load_runs, read_experiment_file
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Metrics summarized per scenario, with the heading used in summary.md.
 METRICS = {
     "downtime_ms": "QEMU downtime (ms)",
+    "client_downtime_ms": "client downtime, longest time without echo replies (ms)",
     "wall_downtime_ms": "paused, source stop to destination run (ms)",
     "total_time_ms": "QEMU total time (ms)",
     "transfer_time_ms": "migration time, to the end of postcopy (ms)",
@@ -45,6 +46,10 @@ METRICS = {
     "transferred_mib": "transferred (MiB)",
     "iterations": "iterations",
     "postcopy_requests": "postcopy requests",
+    "lost_requests": "echo requests lost",
+    "stream_survived": "TCP connection survived (share of runs)",
+    "stream_max_stall_ms": "TCP stall, longest (ms)",
+    "guest_slowdown_pct": "guest slowdown, lowest throughput against before (%)",
 }
 STATISTICS = ("mean", "std", "min", "max")
 
@@ -52,7 +57,7 @@ STATISTICS = ("mean", "std", "min", "max")
 MAX_VARIATION = 0.25  # coefficient of variation, std / mean
 MIN_COMPLETED = 3
 _VARIATION_METRICS = ("downtime_ms", "total_time_ms", "transferred_bytes", "wall_downtime_ms",
-                      "transfer_time_ms")
+                      "transfer_time_ms", "client_downtime_ms")
 
 
 def matrix_fields(experiment_dir: Path, runs: pd.DataFrame) -> list[str]:
@@ -255,6 +260,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
         plot_time_and_bytes_vs_dirty_rate(
             completed, [field for field in other_fields if field != "dirty_rate_mib_s"],
             out_dir / "time_and_bytes_vs_dirty_rate.png"),
+        plot_downtime_views(completed, other_fields, out_dir / "downtime_qemu_vs_client.png"),
     ]
 
     summary_md = out_dir / "summary.md"

@@ -248,7 +248,7 @@ def _draw_transfer(ax, timeline: RunTimeline) -> None:
                       color="#7f7f7f", ls="--", label="remaining")
     remaining_ax.set_ylabel("remaining (MiB)")
     remaining_ax.set_ylim(bottom=0)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(1.0, float(progress["memory_bps"].astype("float64").max() / MIB) * 1.15))
     lines = ax.get_legend_handles_labels()
     more = remaining_ax.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize="small", ncol=3)
@@ -335,8 +335,67 @@ def _draw_guest(ax, timeline: RunTimeline) -> None:
     figures = timeline.record.observed.guest
     if figures is not None and figures.throughput_before_pps:
         ax.axhline(figures.throughput_before_pps, color="0.4", ls="--", lw=0.8, label="before migration")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, float(timed["throughput_pps"].max()) * 1.15)
     ax.legend(loc="lower left", fontsize="small", ncol=3)
+
+
+# Margins of the switch-over panel around the pause and the first reply after it, in seconds.
+ZOOM_BEFORE_S = 0.15
+ZOOM_AFTER_S = 0.1
+
+
+def _switchover_markers(timeline: RunTimeline) -> list[tuple[float, str, str, str]]:
+    """Return (t_s, label, color, line style) for each step of the switch-over the run recorded."""
+    network = timeline.record.observed.network
+    if network is None or network.paused_at_s is None:
+        return []
+    paused = network.paused_at_s
+    steps = [
+        (network.paused_at_s, "source paused", PAUSE_COLOR, "-"),
+        (network.resumed_at_s, "destination resumed", PAUSE_COLOR, "--"),
+        (network.first_announce_at_s, f"first {network.announce_kind or 'announcement'} at the switch",
+         ANNOUNCE_COLOR, "-"),
+        (network.announce_at_client_s, "announcement at the client", ANNOUNCE_COLOR, ":"),
+        (network.last_to_source_at_s, "last request sent to the source", "#8c564b", ":"),
+        (network.first_forwarded_at_s, "first request sent to the destination", "#1f77b4", "--"),
+        (network.first_reply_after_s, "first reply after the pause", POSTCOPY_COLOR, "-"),
+    ]
+    markers = []
+    for t_s, label, color, style in steps:
+        if t_s is None:
+            continue
+        offset = "" if t_s == paused else f" ({(t_s - paused) * 1000:+.1f} ms)"
+        markers.append((t_s, label + offset, color, style))
+    return markers
+
+
+def _draw_switchover(ax, timeline: RunTimeline) -> None:
+    """Draw each echo request around the switch-over as a line from its send to its reply, with the steps."""
+    ax.set_xlabel("time since the migration call (s), around the switch-over")
+    ax.set_ylabel("echo request (seq)")
+    markers = _switchover_markers(timeline)
+    echo = timeline.part("echo")
+    if not markers:
+        ax.text(0.5, 0.5, "no switch-over recorded", transform=ax.transAxes, ha="center", color="0.4")
+        return
+    network = timeline.record.observed.network
+    end_s = network.first_reply_after_s or network.resumed_at_s or network.paused_at_s
+    start_s, end_s = network.paused_at_s - ZOOM_BEFORE_S, end_s + ZOOM_AFTER_S
+    shown = echo[(echo["sent_s"] >= start_s) & (echo["sent_s"] <= end_s)]
+    replied = shown[shown["received_s"].notna()]
+    lost = shown[shown["received_s"].isna()]
+    if len(replied):
+        ax.hlines(replied["seq"], replied["sent_s"], replied["received_s"], color="#1f77b4", lw=0.8,
+                  label="request: sent to replied")
+    if len(lost):
+        ax.plot(lost["sent_s"], lost["seq"], "x", color=PAUSE_COLOR, ms=3, label=f"no reply ({len(lost)})")
+    if network.resumed_at_s is not None:
+        ax.axvspan(network.paused_at_s, network.resumed_at_s, color=PAUSE_COLOR, alpha=0.2, lw=0)
+    for t_s, label, color, style in markers:
+        ax.axvline(t_s, color=color, ls=style, lw=1.2, label=label)
+    ax.set_xlim(start_s, end_s)
+    ax.grid(alpha=0.25)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 
 
 def _title(timeline: RunTimeline) -> str:
@@ -353,31 +412,44 @@ def _title(timeline: RunTimeline) -> str:
 
 
 def plot_timeline(timeline: RunTimeline, path: str | Path) -> Path:
-    """Draw the run's series in one figure of five panels on the run's clock and write it as PNG."""
+    """Draw the run's series on the run's clock and write the figure as PNG.
+
+    Five panels share the time axis: transfer rate and remaining bytes,
+    dirty rate, echo round trips with the client's outage, the TCP stream,
+    and the guest's throughput. The pause, the postcopy phase and the
+    iteration starts are marked in each. A sixth panel zooms in on the
+    switch-over, with one line per echo request and the time of each step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, axes = plt.subplots(5, 1, sharex=True, figsize=(12, 14),
-                             gridspec_kw={"height_ratios": [1.2, 0.8, 1.3, 0.8, 1.1]})
+    fig = plt.figure(figsize=(13, 18))
+    grid = fig.add_gridspec(6, 1, height_ratios=[1.2, 0.8, 1.3, 0.8, 1.1, 1.6], hspace=0.35,
+                            top=0.95, bottom=0.04)
+    axes = [fig.add_subplot(grid[0])]
+    axes += [fig.add_subplot(grid[index], sharex=axes[0]) for index in range(1, 5)]
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
+    _draw_switchover(fig.add_subplot(grid[5]), timeline)
     _draw_transfer(axes[0], timeline)
     _draw_dirty_rate(axes[1], timeline)
     _draw_probe(axes[2], timeline)
     _draw_stream(axes[3], timeline)
     _draw_guest(axes[4], timeline)
     _draw_phases(axes, timeline)
-    axes[0].set_title(_title(timeline))
+    fig.suptitle(_title(timeline), y=0.99)
     axes[-1].set_xlabel("time since the migration call (s)")
     axes[-1].set_xlim(*_time_range(timeline))
     handles, labels = axes[0].get_legend_handles_labels()
     phase_labels = {"postcopy phase", "guest paused (libvirt events)", "iteration starts"}
     kept = [(handle, label) for handle, label in zip(handles, labels) if label in phase_labels]
     if kept:
-        fig.legend(*zip(*kept), loc="lower center", ncol=len(kept), fontsize="small")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path, dpi=110)
+        fig.legend(*zip(*kept), loc="upper center", bbox_to_anchor=(0.5, 0.978), ncol=len(kept),
+                   fontsize="small")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     log.info("wrote timeline figure %s", path)
     return path

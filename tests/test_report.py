@@ -18,7 +18,8 @@ from lab.store import StoreError, load_runs
 from tests.fixtures.fabricate import MIB, fabricate_experiment
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FIGURES = ["downtime_by_strategy.png", "paused_time_by_strategy.png", "time_and_bytes_vs_dirty_rate.png"]
+FIGURES = ["downtime_by_strategy.png", "paused_time_by_strategy.png", "time_and_bytes_vs_dirty_rate.png",
+           "downtime_qemu_vs_client.png"]
 
 
 @pytest.fixture
