@@ -344,5 +344,41 @@ def plot_timeline_command(run_dir: Path, out_path: Path | None) -> None:
     console.print(f"wrote {path}")
 
 
+# -- exercise ----------------------------------------------------------------
+
+@main.group("exercise")
+def exercise_group() -> None:
+    """Classroom exercises under playbooks/classroom and their answer keys."""
+
+
+@exercise_group.command("list")
+def exercise_list() -> None:
+    """List the classroom exercises with their titles."""
+    from lab.classroom import list_exercises, load_exercise
+
+    for name in list_exercises():
+        exercise = load_exercise(name)
+        click.echo(f"{name}\t{exercise.title['en']}")
+
+
+@exercise_group.command("key")
+@click.argument("exercise")
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lang", type=click.Choice(["es", "en"]), default="es", show_default=True,
+              help="Language of the key: es (Spanish) or en (English).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Markdown file to write; default standard output.")
+def exercise_key(exercise: str, results_dir: Path, lang: str, output_path: Path | None) -> None:
+    """Write the answer key of EXERCISE (a name or folder) from the runs under RESULTS_DIR."""
+    from lab.classroom import answer_key
+
+    text = answer_key(exercise, results_dir, lang=lang)
+    if output_path is None:
+        click.echo(text)
+        return
+    output_path.write_text(text, encoding="utf-8")
+    console.print(f"wrote {output_path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,424 @@
+"""Classroom exercises: the simple precopy model and the answer key of each exercise.
+
+The model follows Liu et al., "Performance and energy modeling for live
+migration of virtual machines" (HPDC 2011). With memory M, link rate R and
+dirty rate D, the ratio L = D / R sets the size of each precopy round: round
+0 sends all of M, round i sends M * L**i, and the rounds stop at the first n
+where M * L**n fits in the downtime budget, M * L**n <= R * downtime_limit.
+That last round is sent with the guest paused. Without throttling or
+postcopy, precopy does not converge when L >= 1.
+
+An exercise is a folder under playbooks/classroom with playbook.yaml, the
+two guides (guia.md in Spanish, guide.md in English) and questions.yaml, the
+machine-readable list of questions that the guides and the answer key share.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from lab.errors import ConfigError
+from lab.store import load_runs
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+CLASSROOM_DIR = Path(__file__).resolve().parent.parent / "playbooks" / "classroom"
+LANGUAGES = ("es", "en")
+
+# QEMU's default maximum downtime (migrate-set-parameters downtime-limit), used
+# when a scenario leaves downtime_limit_ms null.
+QEMU_DEFAULT_DOWNTIME_MS = 300
+# Memory the guest itself keeps resident besides the workload's working set:
+# kernel, initramfs and page tables. QEMU skips zero pages, so M is this plus
+# the working set rather than the whole guest RAM.
+# NOTE: an estimate; the bytes a stop-and-copy run transfers measure it.
+GUEST_RESIDENT_MIB = 16
+# Relative difference between measurement and model above which the key flags a row.
+FLAG_THRESHOLD = 0.5
+# Strategies the precopy model describes: plain precopy, and stop-and-copy as
+# precopy with no live rounds.
+MODEL_STRATEGIES = ("precopy", "stop-and-copy")
+
+# Measured columns a question may ask for, with their labels per language.
+METRICS: dict[str, dict[str, str]] = {
+    "completed_pct": {"es": "migraciones completadas (%)", "en": "completed migrations (%)"},
+    "downtime_ms": {"es": "tiempo de inactividad (ms)", "en": "downtime (ms)"},
+    "wall_downtime_ms": {"es": "guest en pausa (ms)", "en": "guest paused (ms)"},
+    "client_downtime_ms": {"es": "corte visto por el cliente (ms)", "en": "outage seen by the client (ms)"},
+    "total_time_ms": {"es": "tiempo total (ms)", "en": "total time (ms)"},
+    "transfer_time_ms": {"es": "tiempo de transferencia (ms)", "en": "transfer time (ms)"},
+    "transferred_mib": {"es": "memoria enviada (MiB)", "en": "memory sent (MiB)"},
+    "iterations": {"es": "rondas", "en": "rounds"},
+    "postcopy_requests": {"es": "peticiones postcopy", "en": "postcopy requests"},
+    "guest_slowdown_pct": {"es": "ralentización del guest (%)", "en": "guest slowdown (%)"},
+    "stream_survived_pct": {"es": "conexiones TCP que sobreviven (%)", "en": "TCP connections that survive (%)"},
+    "stream_max_stall_ms": {"es": "pausa máxima de la conexión TCP (ms)", "en": "longest TCP stall (ms)"},
+    "announce_delay_ms": {"es": "del reanudado al primer anuncio ARP/RARP (ms)",
+                          "en": "from resume to the first ARP/RARP announcement (ms)"},
+    "lost_requests": {"es": "peticiones de eco perdidas", "en": "lost echo requests"},
+    "auto_converge_throttle_max_pct": {"es": "freno máximo de auto-converge (%)",
+                                       "en": "highest auto-converge throttle (%)"},
+    "save_ms": {"es": "tiempo de guardado (ms)", "en": "save time (ms)"},
+    "restore_ms": {"es": "tiempo de restauración (ms)", "en": "restore time (ms)"},
+}
+# Metrics the model predicts, keyed by the measured metric.
+MODEL_METRICS = ("downtime_ms", "total_time_ms", "transferred_mib", "iterations")
+
+_TEXT = {
+    "es": {
+        "title": "Clave de respuestas", "results": "Resultados", "runs": "ejecuciones",
+        "question": "Pregunta", "scenario": "Escenario", "measured": "medido", "model": "modelo",
+        "difference": "diferencia", "flag": "¡revisar!", "no_data": "sin datos",
+        "model_inputs": "Entradas del modelo",
+        "model_note": ("Modelo simple de precopy: M = working set + {resident} MiB residentes del guest, "
+                       "R = mínimo de bandwidth_mib_s y link_rate_mib_s, D = dirty_rate_mib_s, L = D/R. "
+                       "Se marca «¡revisar!» cuando |medido − modelo| / modelo supera {threshold:.0%}."),
+        "no_model": "el modelo no describe esta estrategia",
+        "not_converging": "no converge",
+        "converges": "converge",
+        "means": "Medias por escenario de las ejecuciones completadas.",
+    },
+    "en": {
+        "title": "Answer key", "results": "Results", "runs": "runs",
+        "question": "Question", "scenario": "Scenario", "measured": "measured", "model": "model",
+        "difference": "difference", "flag": "check!", "no_data": "no data",
+        "model_inputs": "Model inputs",
+        "model_note": ("Simple precopy model: M = working set + {resident} MiB resident in the guest, "
+                       "R = the lower of bandwidth_mib_s and link_rate_mib_s, D = dirty_rate_mib_s, L = D/R. "
+                       "A row is flagged \"check!\" when |measured − model| / model exceeds {threshold:.0%}."),
+        "no_model": "the model does not describe this strategy",
+        "not_converging": "does not converge",
+        "converges": "converges",
+        "means": "Means per scenario of the completed runs.",
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelPrediction:
+    """What the simple precopy model predicts for one migration.
+
+    ``rounds`` counts the passes over memory: the first full pass, the live
+    rounds and the last round sent while the guest is paused. Without
+    convergence within ``max_rounds`` rounds, ``rounds`` is ``max_rounds``,
+    bytes and total time are infinite and ``downtime_ms`` is None.
+    """
+
+    ratio: float
+    rounds: int
+    transferred_bytes: float
+    total_time_ms: float
+    downtime_ms: float | None
+    converges: bool
+
+
+def precopy_model(memory_bytes: float, rate_bytes_s: float, dirty_bytes_s: float,
+                  downtime_limit_ms: float, max_rounds: int = 30) -> ModelPrediction:
+    """Predict rounds, bytes, total time and downtime of a precopy migration.
+
+    Raises ValueError on a non-positive memory, rate, downtime limit or
+    max_rounds, or a negative dirty rate.
+    """
+    if memory_bytes <= 0 or rate_bytes_s <= 0:
+        raise ValueError(f"memory_bytes and rate_bytes_s must be positive, got {memory_bytes} and {rate_bytes_s}")
+    if dirty_bytes_s < 0:
+        raise ValueError(f"dirty_bytes_s must not be negative, got {dirty_bytes_s}")
+    if downtime_limit_ms <= 0 or max_rounds < 1:
+        raise ValueError(f"downtime_limit_ms and max_rounds must be positive, got {downtime_limit_ms} "
+                         f"and {max_rounds}")
+
+    ratio = dirty_bytes_s / rate_bytes_s
+    budget_bytes = rate_bytes_s * downtime_limit_ms / 1000
+
+    # n is the index of the last round, the one sent while the guest is paused.
+    last = None
+    for n in range(max_rounds):
+        if memory_bytes * ratio**n <= budget_bytes:
+            last = n
+            break
+    converges = last is not None
+
+    if not converges:
+        return ModelPrediction(ratio=ratio, rounds=max_rounds, transferred_bytes=math.inf,
+                               total_time_ms=math.inf, downtime_ms=None, converges=False)
+    # Converging implies ratio < 1 or a first pass that fits the budget (n = 0).
+    if ratio == 1:
+        total_bytes = memory_bytes * (last + 1)
+    else:
+        total_bytes = memory_bytes * (1 - ratio ** (last + 1)) / (1 - ratio)
+    downtime_ms = memory_bytes * ratio**last / rate_bytes_s * 1000
+    return ModelPrediction(ratio=ratio, rounds=last + 1, transferred_bytes=total_bytes,
+                           total_time_ms=total_bytes / rate_bytes_s * 1000,
+                           downtime_ms=downtime_ms, converges=converges)
+
+
+def stop_and_copy_model(memory_bytes: float, rate_bytes_s: float) -> ModelPrediction:
+    """Predict a stop-and-copy migration: one pass with the guest paused throughout."""
+    if memory_bytes <= 0 or rate_bytes_s <= 0:
+        raise ValueError(f"memory_bytes and rate_bytes_s must be positive, got {memory_bytes} and {rate_bytes_s}")
+    time_ms = memory_bytes / rate_bytes_s * 1000
+    return ModelPrediction(ratio=0.0, rounds=1, transferred_bytes=memory_bytes, total_time_ms=time_ms,
+                           downtime_ms=time_ms, converges=True)
+
+
+def scenario_prediction(scenario: dict[str, Any]) -> ModelPrediction | None:
+    """Return the model's prediction for a scenario's settings, or None where it does not apply.
+
+    The model applies to precopy and stop-and-copy with a known rate (a
+    bandwidth cap or a shaped link) and a set dirty rate (0 means "as fast as
+    the guest can", which the model cannot know).
+    """
+    strategy = scenario.get("strategy")
+    if strategy not in MODEL_STRATEGIES:
+        return None
+    rates = [value for value in (scenario.get("bandwidth_mib_s"), scenario.get("link_rate_mib_s"))
+             if _present(value)]
+    if not rates:
+        return None
+    rate_bytes_s = min(float(value) for value in rates) * MIB
+    memory_bytes = (float(scenario["working_set_mib"]) + GUEST_RESIDENT_MIB) * MIB
+    if strategy == "stop-and-copy":
+        return stop_and_copy_model(memory_bytes, rate_bytes_s)
+    dirty = scenario.get("dirty_rate_mib_s")
+    if not _present(dirty) or float(dirty) <= 0:
+        return None
+    limit = scenario.get("downtime_limit_ms")
+    limit_ms = float(limit) if _present(limit) else QEMU_DEFAULT_DOWNTIME_MS
+    return precopy_model(memory_bytes, rate_bytes_s, float(dirty) * MIB, limit_ms)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+# -- exercises -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Question:
+    """One question of an exercise, with its text per language and the figures its answer needs."""
+
+    question_id: str
+    text: dict[str, str]
+    metrics: tuple[str, ...]
+    model: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str
+    folder: Path
+    title: dict[str, str]
+    questions: tuple[Question, ...]
+
+
+def list_exercises(root: Path = CLASSROOM_DIR) -> list[str]:
+    """Return the names of the exercise folders under root, sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if (path / "questions.yaml").is_file())
+
+
+def exercise_folder(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Path:
+    """Return the folder of an exercise given by name or path; raise ConfigError when there is none."""
+    path = Path(exercise)
+    if (path / "questions.yaml").is_file():
+        return path
+    candidate = root / str(exercise)
+    if (candidate / "questions.yaml").is_file():
+        return candidate
+    raise ConfigError(f"exercise {exercise!r} not found", value=str(exercise),
+                      fix=f"Use one of: {', '.join(list_exercises(root)) or '(none)'}, "
+                          f"or the path of a folder with questions.yaml")
+
+
+def load_exercise(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Exercise:
+    """Read and check questions.yaml of an exercise."""
+    folder = exercise_folder(exercise, root)
+    path = folder / "questions.yaml"
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except (OSError, YAMLError) as exc:
+        raise ConfigError(f"cannot read questions: {exc}", path=str(path)) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise ConfigError("questions.yaml must be a mapping with a 'questions' list", path=str(path),
+                          fix="Start from the questions.yaml of another exercise")
+    title = _texts(data.get("title"), path, "title")
+    questions = []
+    for index, item in enumerate(data["questions"]):
+        where = f"questions[{index}]"
+        if not isinstance(item, dict) or "id" not in item:
+            raise ConfigError("question needs an id, es, en and metrics", path=str(path), field=where)
+        metrics = tuple(item.get("metrics") or ())
+        model = tuple(item.get("model") or ())
+        for name in metrics:
+            if name not in METRICS:
+                raise ConfigError("unknown metric", path=str(path), field=f"{where}.metrics", value=name,
+                                  fix=f"Allowed: {', '.join(METRICS)}")
+        for name in model:
+            if name not in MODEL_METRICS or name not in metrics:
+                raise ConfigError("model figure not predicted or not among the metrics", path=str(path),
+                                  field=f"{where}.model", value=name,
+                                  fix=f"Use metrics of this question among: {', '.join(MODEL_METRICS)}")
+        questions.append(Question(str(item["id"]), _texts(item, path, where), metrics, model))
+    return Exercise(folder.name, folder, title, tuple(questions))
+
+
+def _texts(item: Any, path: Path, where: str) -> dict[str, str]:
+    if not isinstance(item, dict) or not all(isinstance(item.get(lang), str) for lang in LANGUAGES):
+        raise ConfigError(f"needs a text for each language: {', '.join(LANGUAGES)}", path=str(path),
+                          field=where)
+    return {lang: " ".join(item[lang].split()) for lang in LANGUAGES}
+
+
+# -- answer key ----------------------------------------------------------------
+
+def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """Return one row per scenario with the mean of each metric over its completed runs.
+
+    completed_pct and stream_survived_pct are shares over all runs of the
+    scenario; transferred_mib is transferred_bytes in MiB. Scenarios keep the
+    order of their first run.
+    """
+    frame = runs.copy()
+    frame["completed_pct"] = (frame["outcome"] == "completed").astype(float) * 100
+    frame["transferred_mib"] = pd.to_numeric(frame["transferred_bytes"], errors="coerce") / MIB
+    if "stream_survived" in frame:
+        survived = frame["stream_survived"].map(lambda value: float(value) if isinstance(value, bool)
+                                                else (float(value) if _present(value) else math.nan))
+        frame["stream_survived_pct"] = survived * 100
+    order = list(dict.fromkeys(frame["scenario_id"]))
+    rows = []
+    for scenario_id in order:
+        group = frame[frame["scenario_id"] == scenario_id]
+        completed = group[group["outcome"] == "completed"]
+        row: dict[str, Any] = {"scenario_id": scenario_id, "runs": len(group)}
+        for name in metrics:
+            source = group if name in ("completed_pct", "stream_survived_pct") else completed
+            values = pd.to_numeric(source[name], errors="coerce") if name in source else pd.Series(dtype=float)
+            values = values.dropna()
+            row[name] = float(values.mean()) if len(values) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["scenario_id", "runs", *metrics])
+
+
+def relative_difference(measured: float, predicted: float) -> float:
+    """Return |measured - predicted| / predicted, or NaN where it is undefined."""
+    if not (_present(measured) and _present(predicted)) or predicted == 0:
+        return math.nan
+    return abs(measured - predicted) / abs(predicted)
+
+
+def predicted_value(prediction: ModelPrediction, metric: str) -> float:
+    """Return the model's value for a measured metric name of MODEL_METRICS; NaN where it does not converge."""
+    if not prediction.converges and metric != "iterations":
+        return math.nan
+    if metric == "downtime_ms":
+        return math.nan if prediction.downtime_ms is None else prediction.downtime_ms
+    if metric == "total_time_ms":
+        return prediction.total_time_ms
+    if metric == "transferred_mib":
+        return prediction.transferred_bytes / MIB
+    if metric == "iterations":
+        return float(prediction.rounds)
+    raise ValueError(f"the model does not predict {metric!r}; it predicts {', '.join(MODEL_METRICS)}")
+
+
+def _format(value: float) -> str:
+    if not _present(value):
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _scenario_settings(runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    settings = {}
+    for scenario_id, group in runs.groupby("scenario_id", sort=False):
+        settings[scenario_id] = group.iloc[0].to_dict()
+    return settings
+
+
+def answer_key(exercise: str | Path, results_dir: str | Path, lang: str = "es") -> str:
+    """Write the answer key of an exercise from its stored runs, as Markdown.
+
+    For each question, the key lists the mean of each figure per scenario and,
+    for the figures the question compares with the model, the model's
+    prediction and the relative difference, flagged above FLAG_THRESHOLD.
+    """
+    if lang not in LANGUAGES:
+        raise ConfigError("unknown language", field="lang", value=lang, fix=f"Use one of: {', '.join(LANGUAGES)}")
+    text = _TEXT[lang]
+    spec = load_exercise(exercise)
+    runs = load_runs(results_dir)
+    settings = _scenario_settings(runs)
+    predictions = {scenario_id: scenario_prediction(values) for scenario_id, values in settings.items()}
+
+    lines = [f"# {text['title']}: {spec.title[lang]}", "",
+             f"{text['results']}: {len(runs)} {text['runs']}, {len(settings)} "
+             f"{'escenarios' if lang == 'es' else 'scenarios'}. {text['means']}", ""]
+    if any(question.model for question in spec.questions):
+        lines += [f"## {text['model_inputs']}", "",
+                  text["model_note"].format(resident=GUEST_RESIDENT_MIB, threshold=FLAG_THRESHOLD), ""]
+        lines += _model_table(predictions, settings, lang)
+
+    for number, question in enumerate(spec.questions, start=1):
+        lines += [f"## {text['question']} {number}", "", question.text[lang], ""]
+        if not question.metrics:
+            continue
+        means = scenario_means(runs, question.metrics)
+        header = [text["scenario"], text["runs"]]
+        for name in question.metrics:
+            label = METRICS[name][lang]
+            header.append(f"{label}, {text['measured']}" if name in question.model else label)
+            if name in question.model:
+                header += [f"{label}, {text['model']}", text["difference"]]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for _, row in means.iterrows():
+            cells = [f"`{row['scenario_id']}`", str(int(row["runs"]))]
+            prediction = predictions.get(row["scenario_id"])
+            for name in question.metrics:
+                cells.append(_format(row[name]))
+                if name not in question.model:
+                    continue
+                if prediction is None:
+                    cells += [text["no_model"], ""]
+                    continue
+                predicted = predicted_value(prediction, name)
+                difference = relative_difference(row[name], predicted)
+                flag = f" {text['flag']}" if _present(difference) and difference > FLAG_THRESHOLD else ""
+                cells += [_format(predicted) if _present(predicted) else text["not_converging"],
+                          "—" if not _present(difference) else f"{difference:.0%}{flag}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _model_table(predictions: dict[str, ModelPrediction | None], settings: dict[str, dict[str, Any]],
+                 lang: str) -> list[str]:
+    text = _TEXT[lang]
+    lines = [f"| {text['scenario']} | M (MiB) | R (MiB/s) | D (MiB/s) | L | "
+             f"{'rondas' if lang == 'es' else 'rounds'} | |", "|---|---|---|---|---|---|---|"]
+    for scenario_id, prediction in predictions.items():
+        if prediction is None:
+            continue
+        values = settings[scenario_id]
+        rates = [float(v) for v in (values.get("bandwidth_mib_s"), values.get("link_rate_mib_s")) if _present(v)]
+        dirty = values.get("dirty_rate_mib_s")
+        memory = float(values["working_set_mib"]) + GUEST_RESIDENT_MIB
+        state = text["converges"] if prediction.converges else text["not_converging"]
+        # Stop-and-copy sends memory once with the guest paused, so D and L play no part.
+        live = values.get("strategy") != "stop-and-copy" and _present(dirty)
+        lines.append(f"| `{scenario_id}` | {memory:.0f} | {min(rates):.0f} | "
+                     f"{_format(float(dirty)) if live else '—'} | "
+                     f"{f'{prediction.ratio:.2f}' if live else '—'} | {prediction.rounds} | {state} |")
+    lines.append("")
+    return lines
