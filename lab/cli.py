@@ -45,7 +45,8 @@ class LabGroup(click.Group):
 @click.version_option(package_name="migration-lab", prog_name="migrlab")
 def main(verbose: int) -> None:
     """Live-migration experiments with QEMU guests on libvirt hosts."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    level = levels.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err_console, show_path=False)])
     # The runner's own log lines at INFO are useful without -v.
@@ -241,7 +242,7 @@ def doctor(accelerator: str) -> None:
     """Report the accelerator, QEMU and libvirt versions, userfaultfd and strategies."""
     from lab.doctor import run_doctor
 
-    report = run_doctor(accelerator=accelerator)
+    report = run_doctor(accelerator=accelerator, lab=local_lab())
     table = Table("check", "result")
     for check, value in report.items():
         table.add_row(check, str(value))

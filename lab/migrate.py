@@ -17,25 +17,48 @@ postcopy
     live migration with ``VIR_MIGRATE_POSTCOPY``, switched to postcopy as
     soon as the job runs; the destination fetches missing pages on demand.
 hybrid
-    the same, switched after N precopy iterations.
+    the same, switched after N precopy iterations or after a time.
+auto-converge, dirty-limit, xbzrle, multifd
+    precopy with one QEMU feature on (see lab.strategies); dirty-limit is set
+    through the source's QEMU monitor because libvirt 11.3 has no flag for it.
+postcopy-preempt
+    postcopy; libvirt 11.3 turns QEMU's postcopy-preempt on by itself, and the
+    run records whether it was on.
+flushing
+    save the guest to a file both hosts see, restore it on the destination
+    (:class:`Flushing`).
+
+downtime-steps
+    precopy whose maximum downtime the sampling loop raises by
+    downtime_step_ms, up to downtime_max_ms, whenever the remaining data has
+    not reached a new low for downtime_step_after_s.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import libvirt
+import libvirt_qemu
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from lab.domain import require_owned
 from lab.errors import MigrationError
+from lab.guest.console import scan_console
+from lab.strategies import POSTCOPY_STRATEGIES, STRATEGY_NAMES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("stop-and-copy", "precopy", "postcopy", "hybrid")
+STRATEGIES = STRATEGY_NAMES
 SAMPLE_INTERVAL_S = 0.05
 # Time allowed after a cancellation for virDomainMigrate3 to return.
 CANCEL_GRACE_S = 30.0
@@ -81,14 +104,49 @@ class MigrationSettings:
     downtime_limit_ms: int | None = None
     max_time_s: float = 300.0
     postcopy_after_iterations: int | None = None
+    postcopy_after_s: float | None = None
+    postcopy_bandwidth_mib_s: int | None = None
+    auto_converge_initial_pct: int | None = None
+    auto_converge_increment_pct: int | None = None
+    dirty_limit_mib_s: int | None = None
+    dirty_limit_period_ms: int | None = None
+    xbzrle_cache_mib: int | None = None
+    multifd_channels: int | None = None
+    compression: str = "none"
+    compression_level: int | None = None
+    zerocopy: bool = False
+    downtime_step_ms: int | None = None
+    downtime_step_after_s: float | None = None
+    downtime_max_ms: int | None = None
+    # flushing: the save image format (raw or sparse), parallel channels and
+    # the folder, visible to both hosts, that receives the save file.
+    save_format: str = "raw"
+    save_parallel_channels: int | None = None
+    save_dir: Path | None = None
+    # A QMP socket that the destination QEMU opens for the harness, which
+    # turns on postcopy-blocktime there; None leaves blocktime unmeasured.
+    destination_qmp_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise MigrationError(f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        if self.strategy == "flushing" and self.save_dir is None:
+            raise MigrationError("the flushing strategy needs save_dir, a folder both hosts see")
+
+    @classmethod
+    def from_values(cls, values: dict[str, object], **extra: object) -> MigrationSettings:
+        """Build the settings from Scenario.values(), ignoring the fields that are not migration settings."""
+        names = set(cls.__dataclass_fields__)
+        chosen = {name: value for name, value in values.items() if name in names and value is not None}
+        return cls(**{**chosen, **extra})
 
     @property
     def uses_postcopy(self) -> bool:
-        return self.strategy in ("postcopy", "hybrid")
+        return self.strategy in POSTCOPY_STRATEGIES
+
+    @property
+    def has_downtime_policy(self) -> bool:
+        return None not in (self.downtime_step_ms, self.downtime_step_after_s, self.downtime_max_ms)
 
     def flags(self) -> int:
         flags = 0
@@ -96,6 +154,14 @@ class MigrationSettings:
             flags |= libvirt.VIR_MIGRATE_LIVE
         if self.uses_postcopy:
             flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if self.strategy == "auto-converge":
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if self.strategy == "xbzrle" or self.compression == "mt":
+            flags |= libvirt.VIR_MIGRATE_COMPRESSED
+        if self.strategy == "multifd":
+            flags |= libvirt.VIR_MIGRATE_PARALLEL
+            if self.zerocopy:
+                flags |= libvirt.VIR_MIGRATE_ZEROCOPY
         return flags
 
     def params(self) -> dict[str, object]:
@@ -103,7 +169,32 @@ class MigrationSettings:
         if self.bandwidth_mib_s is not None:
             # libvirt takes whole MiB/s; without a value it leaves QEMU unthrottled.
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, round(self.bandwidth_mib_s))
+        if self.uses_postcopy and self.postcopy_bandwidth_mib_s is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = self.postcopy_bandwidth_mib_s
+        if self.strategy == "auto-converge":
+            if self.auto_converge_initial_pct is not None:
+                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = self.auto_converge_initial_pct
+            if self.auto_converge_increment_pct is not None:
+                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = self.auto_converge_increment_pct
+        if self.strategy == "xbzrle":
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
+            if self.xbzrle_cache_mib is not None:
+                # compression.xbzrle.cache is in bytes.
+                params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = self.xbzrle_cache_mib << 20
+        if self.strategy == "multifd" and self.multifd_channels is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = self.multifd_channels
+        if self.compression != "none":
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = self.compression
+            if self.compression_level is not None:
+                params[_COMPRESSION_LEVEL_PARAMS[self.compression]] = self.compression_level
         return params
+
+
+_COMPRESSION_LEVEL_PARAMS = {
+    "zlib": libvirt.VIR_MIGRATE_PARAM_COMPRESSION_ZLIB_LEVEL,
+    "zstd": libvirt.VIR_MIGRATE_PARAM_COMPRESSION_ZSTD_LEVEL,
+    "mt": libvirt.VIR_MIGRATE_PARAM_COMPRESSION_MT_LEVEL,
+}
 
 
 @dataclass
@@ -145,6 +236,9 @@ class MigrationResult:
     warnings: list[str] = field(default_factory=list)
     # time.monotonic() at the migration call, from which t_s of samples and events counts.
     t0_monotonic_s: float | None = None
+    # Figures of one strategy, keyed by records.Measured field names, for
+    # example multifd_connections_max or postcopy_blocktime_ms.
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class _EventRecorder:
@@ -184,6 +278,10 @@ class _EventRecorder:
                                    (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, job_completed)):
             self._callbacks.append((conn, conn.domainEventRegisterAny(None, event_id, callback, None)))
 
+    def add(self, host: str, kind: str, detail: str) -> None:
+        """Record an event the harness caused itself, such as a downtime raise."""
+        self._add(host, kind, detail)
+
     def _add(self, host: str, kind: str, detail: str) -> None:
         now_wall = time.time()
         event = Event(time.monotonic() - self.t0, now_wall, host, kind, detail)
@@ -219,6 +317,7 @@ def _sample(stats: dict[str, object], t_s: float, host: str) -> dict[str, object
         "iteration": stats.get("memory_iteration"),
         "postcopy_requests": stats.get("memory_postcopy_requests"),
         "memory_bps": stats.get("memory_bps"),
+        "auto_converge_throttle_pct": stats.get("auto_converge_throttle"),
     }
 
 
@@ -238,7 +337,14 @@ class Migration:
     """Move one owned guest from *source* to *destination* with one strategy."""
 
     def __init__(self, domain: libvirt.virDomain, source: libvirt.virConnect, destination: libvirt.virConnect,
-                 settings: MigrationSettings, *, source_name: str, destination_name: str):
+                 settings: MigrationSettings, *, source_name: str, destination_name: str,
+                 connection_counter: Callable[[], int] | None = None,
+                 fault_hook: Callable[[float, dict[str, object], bool], str | None] | None = None):
+        """*connection_counter* returns the number of migration connections open on the
+        destination; it is polled during multifd runs. *fault_hook* is called on every
+        sample with (elapsed s, source job statistics, postcopy started?); it returns
+        "abort" to cancel the job as timed out, "give-up" to stop waiting for
+        virDomainMigrate3, or None (see lab.faults)."""
         require_owned(domain)
         self.domain = domain
         self.source = source
@@ -246,6 +352,9 @@ class Migration:
         self.settings = settings
         self.source_name = source_name
         self.destination_name = destination_name
+        self.connection_counter = connection_counter
+        self.fault_hook = fault_hook
+        self._monitor_settings: str | None = None
         self._cancel = threading.Event()
         self.interrupted = False
 
@@ -255,8 +364,12 @@ class Migration:
 
     def run(self) -> MigrationResult:
         settings = self.settings
+        if settings.strategy == "flushing":
+            return Flushing(self).run()
         if settings.downtime_limit_ms is not None and settings.strategy != "stop-and-copy":
             self.domain.migrateSetMaxDowntime(int(settings.downtime_limit_ms), 0)
+        self._monitor_settings = apply_dirty_limit(self.domain, settings) if settings.strategy == "dirty-limit" \
+            else None
 
         t0 = time.monotonic()
         recorder = _EventRecorder(self.domain.name(), t0)
@@ -276,14 +389,26 @@ class Migration:
             self.domain.suspend()
             paused_at_s = time.monotonic() - t0
 
+        params = settings.params()
+        blocktime = _BlocktimeMonitor(settings.destination_qmp_socket) \
+            if settings.uses_postcopy and settings.destination_qmp_socket is not None else None
+        if blocktime is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = blocktime.destination_xml(self.domain)
+
         def migrate() -> None:
             try:
-                outcome_box["domain"] = self.domain.migrate3(self.destination, settings.params(), settings.flags())
+                outcome_box["domain"] = self.domain.migrate3(self.destination, params, settings.flags())
             except Exception as exc:  # noqa: BLE001 - reported as the run's error, not lost with the thread
                 outcome_box["error"] = exc
 
         worker = threading.Thread(target=migrate, name=f"migrate-{self.domain.name()}", daemon=True)
         worker.start()
+        watcher = _ConnectionWatcher(self.connection_counter) if settings.strategy == "multifd" \
+            and self.connection_counter is not None else None
+        if watcher is not None:
+            watcher.start()
+        policy = _DowntimePolicy(settings, recorder, self.source_name) if settings.has_downtime_policy else None
+        preempt_seen: bool | None = None
 
         samples: list[dict[str, object]] = []
         warnings: list[str] = []
@@ -297,13 +422,24 @@ class Migration:
                 stats = self._job_stats()
                 if stats and _job_active(stats):
                     samples.append(_sample(stats, now, self.source_name))
-                    if postcopy_requested_at is None and self._should_switch(stats):
+                    if settings.uses_postcopy and preempt_seen is None:
+                        preempt_seen = self._postcopy_preempt_on()
+                    if policy is not None and postcopy_requested_at is None:
+                        policy.observe(self.domain, stats, now)
+                    ready = blocktime is None or blocktime.ready(now)
+                    if postcopy_requested_at is None and ready and self._should_switch(stats, now):
                         if self._start_postcopy():
                             postcopy_requested_at = now
+                verdict = self.fault_hook(now, stats or {}, postcopy_requested_at is not None) \
+                    if self.fault_hook is not None else None
+                if verdict == "give-up":
+                    cancel_reason = "timed-out"
+                    warnings.append(f"stopped waiting for virDomainMigrate3 at {now:.1f} s after a fault")
+                    break
                 if cancel_reason is None:
                     if self._cancel.is_set():
                         cancel_reason = "cancelled"
-                    elif now > settings.max_time_s:
+                    elif now > settings.max_time_s or verdict == "abort":
                         cancel_reason = "timed-out"
                     if cancel_reason is not None:
                         cancelled_at = now
@@ -325,6 +461,8 @@ class Migration:
                 self._cancel.set()
 
         wall_total_ms = (time.monotonic() - t0) * 1000.0
+        if watcher is not None:
+            watcher.stop()
         new_domain = outcome_box.get("domain")
         error = outcome_box.get("error")
         if new_domain is not None and settings.strategy == "stop-and-copy":
@@ -340,7 +478,9 @@ class Migration:
             message = error.get_error_message() if isinstance(error, libvirt.libvirtError) \
                 else f"{type(error).__name__}: {error}"
         elif new_domain is None:
-            outcome, message = cancel_reason or "failed", "virDomainMigrate3 returned no domain"
+            outcome = cancel_reason or "failed"
+            message = "virDomainMigrate3 had not returned" if worker.is_alive() \
+                else "virDomainMigrate3 returned no domain"
         else:
             outcome, message = "completed", None
         if outcome == "completed" and cancel_reason is not None:
@@ -355,7 +495,47 @@ class Migration:
         self._fill_phase_times(result, paused_at_s, postcopy_requested_at)
         if settings.uses_postcopy and result.postcopy_started_at_s is None and outcome == "completed":
             warnings.append("the migration converged before the switch to postcopy")
+        self._fill_details(result, watcher, policy, preempt_seen, blocktime)
         return result
+
+    def _fill_details(self, result: MigrationResult, watcher: _ConnectionWatcher | None,
+                      policy: _DowntimePolicy | None, preempt_seen: bool | None,
+                      blocktime: _BlocktimeMonitor | None) -> None:
+        settings, details = self.settings, result.details
+        throttles = [sample["auto_converge_throttle_pct"] for sample in result.samples
+                     if sample.get("auto_converge_throttle_pct") is not None]
+        if throttles:
+            details["auto_converge_throttle_max_pct"] = max(throttles)
+            details["auto_converge_throttle_last_pct"] = throttles[-1]
+        if watcher is not None:
+            details["multifd_connections_max"] = watcher.maximum
+        if policy is not None:
+            details["downtime_raises"] = policy.raises
+            details["downtime_limit_final_ms"] = policy.limit_ms
+        if self._monitor_settings:
+            details["monitor_settings"] = self._monitor_settings
+        if settings.uses_postcopy:
+            details["postcopy_preempt"] = preempt_seen
+            if settings.strategy == "postcopy-preempt" and preempt_seen is False:
+                result.warnings.append("QEMU's postcopy-preempt capability was off during the migration")
+        if blocktime is not None:
+            figures = blocktime.finish(result.postcopy_started_at_s is not None)
+            details.update(figures)
+            if result.postcopy_started_at_s is not None and "postcopy_blocktime_ms" not in figures:
+                result.warnings.append(f"postcopy blocktime not measured: {blocktime.problem}")
+
+    def _postcopy_preempt_on(self) -> bool | None:
+        """Return whether the source QEMU has postcopy-preempt on, or None before libvirt set it up."""
+        try:
+            capabilities = _monitor(self.domain, "query-migrate-capabilities")
+        except MigrationError as exc:
+            log.debug("reading the migration capabilities of %s failed: %s", self.domain.name(), exc)
+            return None
+        states = {item["capability"]: item["state"] for item in capabilities}
+        # libvirt sets the capabilities before the job reports any data.
+        if not states.get("postcopy-ram"):
+            return None
+        return bool(states.get("postcopy-preempt"))
 
     def _job_stats(self) -> dict[str, object] | None:
         try:
@@ -365,9 +545,11 @@ class Migration:
             log.debug("jobStats on %s failed: %s", self.domain.name(), exc)
             return None
 
-    def _should_switch(self, stats: dict[str, object]) -> bool:
-        if self.settings.strategy == "postcopy":
+    def _should_switch(self, stats: dict[str, object], now: float) -> bool:
+        if self.settings.strategy in ("postcopy", "postcopy-preempt"):
             return True
+        if self.settings.strategy == "hybrid" and self.settings.postcopy_after_s is not None:
+            return now >= self.settings.postcopy_after_s
         if self.settings.strategy == "hybrid":
             # QEMU counts a memory iteration at the start of each pass, so after
             # N complete passes the counter reads N + 1.
@@ -459,3 +641,317 @@ class Migration:
         if postcopy_requested_at is not None:
             postcopy = _first_event(events, source, "suspended", ("postcopy",))
             result.postcopy_started_at_s = postcopy.t_s if postcopy else postcopy_requested_at
+
+
+# -- strategy helpers ---------------------------------------------------------------
+
+# libvirt's default range of ports on which the destination QEMU listens (migration_port_min
+# and migration_port_max in qemu.conf).
+MIGRATION_PORTS = (49152, 49215)
+
+
+def migration_connections_argv(source_address: str) -> list[str]:
+    """Return an ss command that lists the established migration connections from *source_address*.
+
+    It runs on the destination; one line per connection.
+    """
+    low, high = MIGRATION_PORTS
+    return ["ss", "-Htn", "state", "established", "dst", source_address,
+            f"( sport >= :{low} and sport <= :{high} )"]
+
+
+def guest_rate_figures(source_console: str, destination_console: str, last_seq_before: int
+                       ) -> tuple[float | None, float | None]:
+    """Return (workload rate before the migration, lowest rate during it) in pages per second.
+
+    Before: the median rate_pps of the source's reports up to *last_seq_before*,
+    the last report seen before the migration call. During: the lowest
+    rate_pps of the source's later reports and of the destination's first
+    report, which covers the switch-over. The guest's clock is not mapped onto
+    the harness's here, so "during" is known to about one report (1 s).
+    """
+    source = [report for report in scan_console(source_console).reports]
+    before = sorted(report.rate_pps for report in source if report.seq <= last_seq_before)
+    if not before:
+        return None, None
+    during = [report.rate_pps for report in source if report.seq > last_seq_before]
+    destination = scan_console(destination_console).reports
+    if destination:
+        during.append(destination[0].rate_pps)
+    median = float(before[len(before) // 2]) if len(before) % 2 else (before[len(before) // 2 - 1]
+                                                                         + before[len(before) // 2]) / 2.0
+    return median, (float(min(during)) if during else None)
+
+# Poll interval of the migration connection count; each poll runs ss in the destination host.
+CONNECTION_POLL_S = 0.5
+# Time allowed for the destination QEMU to open the harness's QMP socket.
+QMP_SOCKET_WAIT_S = 5.0
+QMP_TIMEOUT_S = 5.0
+_QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def _monitor(dom: libvirt.virDomain, command: str, arguments: dict[str, object] | None = None) -> object:
+    """Run one QMP command through libvirt and return its "return" value."""
+    request: dict[str, object] = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+    except libvirt.libvirtError as exc:
+        raise MigrationError(f"QEMU monitor command {command} on {dom.name()} failed: "
+                             f"{exc.get_error_message()}") from exc
+    if "error" in reply:
+        raise MigrationError(f"QEMU rejected {command} on {dom.name()}: {reply['error'].get('desc')}")
+    return reply.get("return")
+
+
+def apply_dirty_limit(dom: libvirt.virDomain, settings: MigrationSettings) -> str:
+    """Turn on QEMU's dirty-limit capability and its parameters on the source; return what was set.
+
+    libvirt 11.3 has no migration flag for dirty-limit, so the harness sets it
+    through the monitor of its own guest before migrate3. libvirt leaves
+    capabilities it does not know alone, and it does not know dirty-limit.
+    QEMU rejects the capability without KVM's dirty ring.
+    """
+    _monitor(dom, "migrate-set-capabilities", {"capabilities": [{"capability": "dirty-limit", "state": True}]})
+    parameters: dict[str, object] = {}
+    if settings.dirty_limit_mib_s is not None:
+        parameters["vcpu-dirty-limit"] = settings.dirty_limit_mib_s  # MB/s per vCPU
+    if settings.dirty_limit_period_ms is not None:
+        parameters["x-vcpu-dirty-limit-period"] = settings.dirty_limit_period_ms
+    if parameters:
+        _monitor(dom, "migrate-set-parameters", parameters)
+    text = "dirty-limit=on" + "".join(f", {name}={value}" for name, value in parameters.items())
+    log.info("set through the QEMU monitor of %s: %s", dom.name(), text)
+    return f"QEMU monitor: {text}"
+
+
+class _ConnectionWatcher:
+    """Poll the number of migration connections on the destination and keep the maximum."""
+
+    def __init__(self, counter: Callable[[], int]):
+        self._counter = counter
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="migration-connections", daemon=True)
+        self.maximum = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(CONNECTION_POLL_S * 10)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.maximum = max(self.maximum, self._counter())
+            except Exception as exc:  # noqa: BLE001 - a failed poll leaves the maximum as it is
+                log.debug("counting migration connections failed: %s", exc)
+            self._stop.wait(CONNECTION_POLL_S)
+
+
+class _DowntimePolicy:
+    """Raise the maximum downtime by a step whenever the remaining data stops reaching new lows."""
+
+    def __init__(self, settings: MigrationSettings, recorder: _EventRecorder, host: str):
+        self.step_ms = int(settings.downtime_step_ms)
+        self.after_s = float(settings.downtime_step_after_s)
+        self.max_ms = int(settings.downtime_max_ms)
+        # QEMU's default downtime-limit is 300 ms.
+        self.limit_ms = int(settings.downtime_limit_ms or 300)
+        self.raises = 0
+        self._recorder = recorder
+        self._host = host
+        self._lowest: int | None = None
+        self._progress_at: float | None = None
+
+    def observe(self, dom: libvirt.virDomain, stats: dict[str, object], now: float) -> None:
+        remaining = stats.get("data_remaining")
+        if remaining is None:
+            return
+        if self._lowest is None or remaining < self._lowest:
+            self._lowest, self._progress_at = int(remaining), now
+            return
+        if now - self._progress_at < self.after_s or self.limit_ms >= self.max_ms:
+            return
+        new_limit = min(self.max_ms, self.limit_ms + self.step_ms)
+        try:
+            dom.migrateSetMaxDowntime(new_limit, 0)
+        except libvirt.libvirtError as exc:
+            log.warning("raising the maximum downtime of %s failed: %s", dom.name(), exc.get_error_message())
+            return
+        self.limit_ms = new_limit
+        self.raises += 1
+        self._progress_at = now
+        self._recorder.add(self._host, "downtime-raised", f"{new_limit} ms")
+
+
+class _BlocktimeMonitor:
+    """A QMP socket of the destination QEMU, through which postcopy-blocktime is turned on and read.
+
+    libvirt 11.3 does not know QEMU's postcopy-blocktime capability, and it
+    keeps the destination's monitor locked for the whole incoming migration.
+    So the destination XML that the harness passes to migrate3 starts the
+    destination QEMU with an extra QMP socket. The harness sets the
+    capability there during precopy and reads query-migrate after the run.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.problem = "the destination's QMP socket was not ready"
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._enabled = False
+        self._given_up = False
+
+    def destination_xml(self, dom: libvirt.virDomain) -> str:
+        self.path.unlink(missing_ok=True)
+        ET.register_namespace("qemu", _QEMU_NAMESPACE)
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        commandline = ET.SubElement(root, f"{{{_QEMU_NAMESPACE}}}commandline")
+        ET.SubElement(commandline, f"{{{_QEMU_NAMESPACE}}}arg", value="-qmp")
+        ET.SubElement(commandline, f"{{{_QEMU_NAMESPACE}}}arg", value=f"unix:{self.path},server=on,wait=off")
+        return ET.tostring(root, encoding="unicode")
+
+    def ready(self, now: float) -> bool:
+        """Turn the capability on once the socket exists; True when postcopy may start."""
+        if self._enabled or self._given_up:
+            return True
+        if not self.path.exists():
+            if now > QMP_SOCKET_WAIT_S:
+                self._given_up = True
+            return self._given_up
+        try:
+            self._qmp = QEMUMonitorProtocol(str(self.path))
+            self._qmp.connect()
+            self._qmp.settimeout(QMP_TIMEOUT_S)
+            self._qmp.cmd("migrate-set-capabilities",
+                          capabilities=[{"capability": "postcopy-blocktime", "state": True}])
+            self._enabled = True
+        except (QMPError, OSError) as exc:
+            self.problem = f"turning postcopy-blocktime on failed: {exc}"
+            self._given_up = True
+            self._close()
+        return True
+
+    def finish(self, postcopy_ran: bool) -> dict[str, object]:
+        """Read the blocktime figures after the run and close the socket."""
+        figures: dict[str, object] = {}
+        try:
+            if self._enabled and postcopy_ran and self._qmp is not None:
+                status = self._qmp.cmd("query-migrate")
+                if "postcopy-blocktime" in status:
+                    figures["postcopy_blocktime_ms"] = int(status["postcopy-blocktime"])
+                    figures["postcopy_vcpu_blocktime_max_ms"] = max(status.get("postcopy-vcpu-blocktime") or [0])
+                else:
+                    self.problem = "query-migrate on the destination reported no postcopy-blocktime"
+        except (QMPError, OSError) as exc:
+            self.problem = f"query-migrate on the destination failed: {exc}"
+        finally:
+            self._close()
+        return figures
+
+    def _close(self) -> None:
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except (QMPError, OSError) as exc:
+                log.debug("closing the destination QMP socket failed: %s", exc)
+            self._qmp = None
+        self.path.unlink(missing_ok=True)
+
+
+class Flushing:
+    """Save the guest to a file both hosts see, then restore it on the destination.
+
+    Downtime runs from the source's pause (the save pauses the guest first)
+    to the destination's resume; the bytes moved are the save file's
+    allocated size. A sparse image (QEMU's mapped-ram) writes each page at a
+    fixed offset, so its apparent size is the guest's memory and its
+    allocated size what was written.
+    """
+
+    def __init__(self, migration: Migration):
+        self.migration = migration
+        self.settings = migration.settings
+        self.name = migration.domain.name()
+        self.path = Path(self.settings.save_dir) / f"{self.name}.save"
+
+    def _save_params(self) -> dict[str, object]:
+        params: dict[str, object] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(self.path)}
+        if self.settings.save_format != "raw":
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT] = self.settings.save_format
+        if self.settings.save_parallel_channels is not None:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = self.settings.save_parallel_channels
+        return params
+
+    def _restore_params(self) -> dict[str, object]:
+        params: dict[str, object] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: str(self.path)}
+        if self.settings.save_parallel_channels is not None:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = self.settings.save_parallel_channels
+        return params
+
+    def run(self) -> MigrationResult:
+        migration = self.migration
+        t0 = time.monotonic()
+        started_at = time.time()
+
+        recorder = _EventRecorder(self.name, t0)
+        recorder.attach(migration.source, migration.source_name)
+        recorder.attach(migration.destination, migration.destination_name)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        details: dict[str, object] = {"save_format_used": self.settings.save_format}
+        new_domain, error, outcome = None, None, "failed"
+
+        try:
+            recorder.add(migration.source_name, "save-started", str(self.path))
+            saved_at = self._call(migration.domain.saveParams, self._save_params(), 0)
+            details["save_ms"] = (saved_at - t0) * 1000.0
+            size = self.path.stat()
+            details["save_file_bytes"] = size.st_size
+            details["save_file_disk_bytes"] = size.st_blocks * 512
+            recorder.add(migration.source_name, "save-completed", f"{size.st_blocks * 512} bytes")
+            if migration._cancel.is_set():
+                raise MigrationError("cancelled after the save; the guest is in the save file only")
+            restored_at = self._call(migration.destination.restoreParams, self._restore_params(),
+                                     libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            details["restore_ms"] = (restored_at - saved_at) * 1000.0
+            recorder.add(migration.destination_name, "restore-completed", "")
+            new_domain = migration.destination.lookupByName(self.name)
+            require_owned(new_domain)
+            outcome = "completed"
+        except libvirt.libvirtError as exc:
+            error = exc.get_error_message()
+        except (MigrationError, OSError) as exc:
+            error = str(exc)
+        finally:
+            recorder.detach()
+            self.path.unlink(missing_ok=True)
+        wall_total_ms = (time.monotonic() - t0) * 1000.0
+
+        result = MigrationResult(
+            outcome=outcome, error=error, destination_domain=new_domain, completed_stats={},
+            samples=[], events=recorder.snapshot(), started_at=started_at, wall_total_ms=wall_total_ms,
+            t0_monotonic_s=t0, details=details)
+        self._fill_times(result)
+        return result
+
+    def _call(self, function: Callable[..., object], params: dict[str, object], flags: int) -> float:
+        function(params, flags)
+        return time.monotonic()
+
+    def _fill_times(self, result: MigrationResult) -> None:
+        events = result.events
+        source, destination = self.migration.source_name, self.migration.destination_name
+        suspended = _first_event(events, source, "suspended", ("paused", "migrated")) \
+            or _first_event(events, source, "save-started", (str(self.path),))
+        if suspended is None:
+            return
+        result.switchover_at_s = suspended.t_s
+        resumed = (_first_event(events, destination, "resumed", ("unpaused", "restored", "migrated"), suspended.t_s)
+                   or _first_event(events, destination, "started", ("restored",), suspended.t_s)
+                   or _first_event(events, destination, "restore-completed", ("",), suspended.t_s))
+        if resumed is not None:
+            result.wall_downtime_ms = (resumed.t_s - suspended.t_s) * 1000.0
+            result.transfer_time_ms = resumed.t_s * 1000.0

@@ -29,15 +29,20 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from lab.errors import ConfigError
+from lab.faults import FaultSpec, fault_strategy_problems
+from lab.strategies import STRATEGY_FIELDS, reset_inapplicable, strategy_problems, unused_base_fields, value_applies
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["stop-and-copy", "precopy", "postcopy", "hybrid"]
+Strategy = Literal["stop-and-copy", "precopy", "downtime-steps", "auto-converge", "dirty-limit", "xbzrle", "multifd",
+                   "postcopy", "postcopy-preempt", "hybrid", "flushing"]
 Pattern = Literal["sequential", "random"]
 # Guest NIC models: libvirt's <model type=...> values the guest image has drivers for.
 NicModel = Literal["e1000", "virtio"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 PATTERNS: tuple[str, ...] = get_args(Pattern)
+Compression = Literal["none", "zlib", "zstd", "mt"]
+SaveFormat = Literal["raw", "sparse"]
 NIC_MODELS: tuple[str, ...] = get_args(NicModel)
 
 # Guest memory that the working set cannot use, because the guest kernel and
@@ -57,6 +62,15 @@ PostcopyAfterIterations = Annotated[int, Field(ge=1)]
 # Rate of the shaped migration link in MiB/s; None leaves the link unshaped.
 LinkRateMiBs = Annotated[int, Field(gt=0)]
 ScenarioId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=200)]
+# Tuning fields of single strategies; lab.strategies.STRATEGY_FIELDS maps each to its strategies.
+Percent = Annotated[int, Field(ge=1, le=100)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+CompressionLevel = Annotated[int, Field(ge=0)]
+# QEMU takes 1 to 255 multifd channels.
+MultifdChannels = Annotated[int, Field(ge=1, le=255)]
+# QEMU takes x-vcpu-dirty-limit-period from 1 to 1000 ms.
+DirtyLimitPeriodMs = Annotated[int, Field(ge=1, le=1000)]
 
 # Scenario fields in id order, each with the playbook section that sets its base value.
 SCENARIO_FIELDS: dict[str, str] = {
@@ -72,6 +86,7 @@ SCENARIO_FIELDS: dict[str, str] = {
     "max_time_s": "migration",
     "postcopy_after_iterations": "migration",
     "link_rate_mib_s": "link",
+    "fault": "migration",
 }
 
 # Scenario fields whose attribute in their section has another name.
@@ -85,10 +100,28 @@ _ID_PREFIX = {
     "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "nic_model": "", "working_set_mib": "ws",
     "dirty_rate_mib_s": "rate", "pattern": "", "bandwidth_mib_s": "bw",
     "downtime_limit_ms": "dt", "max_time_s": "max", "postcopy_after_iterations": "pc",
-    "link_rate_mib_s": "link",
+    "link_rate_mib_s": "link", "fault": "fault-",
 }
 _ID_NULL = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "default",
-            "postcopy_after_iterations": "off", "link_rate_mib_s": "unshaped"}
+            "postcopy_after_iterations": "off", "link_rate_mib_s": "unshaped", "fault": "none"}
+
+# Strategy tuning fields (lab.strategies), all set in the migration section.
+SCENARIO_FIELDS.update(dict.fromkeys(STRATEGY_FIELDS, "migration"))
+_ID_PREFIX.update({
+    "postcopy_after_s": "pcs", "postcopy_bandwidth_mib_s": "pcbw", "auto_converge_initial_pct": "aci",
+    "auto_converge_increment_pct": "acs", "dirty_limit_mib_s": "dl", "dirty_limit_period_ms": "dlp",
+    "xbzrle_cache_mib": "xc", "multifd_channels": "ch", "compression": "", "compression_level": "lvl",
+    "zerocopy": "zc", "downtime_step_ms": "dtstep", "downtime_step_after_s": "dtafter",
+    "downtime_max_ms": "dtmax", "save_format": "", "save_parallel_channels": "savech",
+})
+_ID_NULL.update({
+    "postcopy_after_s": "off", "postcopy_bandwidth_mib_s": "unlimited",
+    "auto_converge_initial_pct": "default", "auto_converge_increment_pct": "default",
+    "dirty_limit_mib_s": "default", "dirty_limit_period_ms": "default", "xbzrle_cache_mib": "default",
+    "multifd_channels": "default", "compression_level": "default", "downtime_step_ms": "off",
+    "downtime_step_after_s": "off", "downtime_max_ms": "off", "save_format": "auto",
+    "save_parallel_channels": "off",
+})
 
 _CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -115,6 +148,25 @@ class Scenario(BaseModel):
     postcopy_after_iterations: PostcopyAfterIterations | None
     link_rate_mib_s: LinkRateMiBs | None = None
     nic_model: NicModel = "e1000"
+    # Strategy tuning (see lab.strategies). None means QEMU's or libvirt's default.
+    postcopy_after_s: PositiveSeconds | None = None
+    postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
+    auto_converge_initial_pct: Percent | None = None
+    auto_converge_increment_pct: Percent | None = None
+    dirty_limit_mib_s: PositiveInt | None = None
+    dirty_limit_period_ms: DirtyLimitPeriodMs | None = None
+    xbzrle_cache_mib: PositiveInt | None = None
+    multifd_channels: MultifdChannels | None = None
+    compression: Compression = "none"
+    compression_level: CompressionLevel | None = None
+    zerocopy: bool = False
+    downtime_step_ms: PositiveInt | None = None
+    downtime_step_after_s: PositiveSeconds | None = None
+    downtime_max_ms: PositiveInt | None = None
+    save_format: SaveFormat | None = None
+    save_parallel_channels: PositiveInt | None = None
+    # A fault struck during the migration (lab.faults); None runs without one.
+    fault: FaultSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -156,12 +208,12 @@ def cross_field_problems(values: dict[str, Any]) -> list[tuple[tuple[str, ...], 
 
     strategy = values["strategy"]
     after_iterations = values["postcopy_after_iterations"]
-    if strategy == "hybrid" and after_iterations is None:
+    if strategy == "hybrid" and after_iterations is None and values.get("postcopy_after_s") is None:
         problems.append((
             ("strategy", "postcopy_after_iterations"),
-            "the hybrid strategy needs postcopy_after_iterations",
+            "the hybrid strategy needs postcopy_after_iterations or postcopy_after_s",
             "Set migration.postcopy_after_iterations to the number of precopy iterations "
-            "before the switch to postcopy",
+            "before the switch to postcopy, or migration.postcopy_after_s to the seconds before it",
         ))
     if strategy != "hybrid" and after_iterations is not None:
         problems.append((
@@ -169,6 +221,10 @@ def cross_field_problems(values: dict[str, Any]) -> list[tuple[tuple[str, ...], 
             f"postcopy_after_iterations applies only to the hybrid strategy, not to {strategy}",
             "List postcopy_after_iterations values only for hybrid runs, or use null",
         ))
+    problems += strategy_problems(values)
+    for message in fault_strategy_problems(values.get("fault"), strategy):
+        problems.append((("strategy", "fault"), message,
+                         "Use at_s, at_progress_pct or at_iteration, or list this fault only for postcopy runs"))
     return problems
 
 
@@ -204,43 +260,25 @@ class MigrationSection(BaseModel):
     downtime_limit_ms: DowntimeLimitMs | None = None
     max_time_s: MaxTimeS = 300
     postcopy_after_iterations: PostcopyAfterIterations | None = None
-
-
-class EchoProbeSection(BaseModel):
-    """UDP echo requests from the client host to the guest, one every 1 / rate_hz seconds."""
-
-    model_config = _CONFIG
-    enabled: bool = True
-    rate_hz: Annotated[float, Field(gt=0, le=10000, allow_inf_nan=False)] = 1000.0
-
-
-class StreamProbeSection(BaseModel):
-    """A TCP connection from the client host that streams records the guest echoes back."""
-
-    model_config = _CONFIG
-    enabled: bool = True
-    rate_kib_s: Annotated[float, Field(gt=0, le=10240, allow_inf_nan=False)] = 64.0
-
-
-class CaptureProbeSection(BaseModel):
-    """Frames of the guest's MAC address on the lab switch's ports, to time the announcements."""
-
-    model_config = _CONFIG
-    enabled: bool = True
-
-
-class ProbesSection(BaseModel):
-    """Measurements taken from outside the guest during each run; all run unless turned off here."""
-
-    model_config = _CONFIG
-    echo: EchoProbeSection = EchoProbeSection()
-    stream: StreamProbeSection = StreamProbeSection()
-    capture: CaptureProbeSection = CaptureProbeSection()
-    # Time the probes run before the migration call, so that round trips and
-    # guest throughput have a baseline, in seconds.
-    baseline_s: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 3.0
-    # From the start of the probes until the guest must have answered, in seconds.
-    ready_timeout_s: Annotated[int, Field(gt=0)] = 30
+    # Tuning of single strategies; each applies only to the strategies that
+    # lab.strategies.STRATEGY_FIELDS lists for it.
+    postcopy_after_s: PositiveSeconds | None = None
+    postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
+    auto_converge_initial_pct: Percent | None = None
+    auto_converge_increment_pct: Percent | None = None
+    dirty_limit_mib_s: PositiveInt | None = None
+    dirty_limit_period_ms: DirtyLimitPeriodMs | None = None
+    xbzrle_cache_mib: PositiveInt | None = None
+    multifd_channels: MultifdChannels | None = None
+    compression: Compression = "none"
+    compression_level: CompressionLevel | None = None
+    zerocopy: bool = False
+    downtime_step_ms: PositiveInt | None = None
+    downtime_step_after_s: PositiveSeconds | None = None
+    downtime_max_ms: PositiveInt | None = None
+    save_format: SaveFormat | None = None
+    save_parallel_channels: PositiveInt | None = None
+    fault: FaultSpec | None = None
 
 
 class LinkSection(BaseModel):
@@ -300,6 +338,15 @@ class TimeoutsSection(BaseModel):
     guest_boot_s: Annotated[int, Field(gt=0)] = 60
     # After migration, until the guest's workload has reported on the host that runs it.
     integrity_s: Annotated[int, Field(gt=0)] = 30
+    # From a fault's strike until the migration must have ended by itself;
+    # then the harness aborts it (postcopy: pauses it for recovery).
+    fault_settle_s: Annotated[int, Field(gt=0)] = 30
+    # From that abort until virDomainMigrate3 must have returned.
+    fault_abort_s: Annotated[int, Field(gt=0)] = 30
+    # For the migrate3 call with VIR_MIGRATE_POSTCOPY_RESUME to finish the migration.
+    postcopy_recovery_s: Annotated[int, Field(gt=0)] = 60
+    # For a killed libvirtd to be started again and accept connections.
+    daemon_restart_s: Annotated[int, Field(gt=0)] = 90
 
 
 class Playbook(BaseModel):
@@ -574,6 +621,11 @@ def _scenario_problems(playbook: Playbook) -> list[_Problem]:
         problems.append(_Problem(("migration", "postcopy_after_iterations"),
                                  "applies only to the hybrid strategy, and no scenario uses it",
                                  after_iterations, "Remove it or add hybrid to matrix.strategy"))
+    listed = matrix.get("strategy", [base["strategy"]])
+    for name, value in unused_base_fields(base, listed):
+        users = ", ".join(strategy for strategy in STRATEGY_FIELDS[name] if value_applies(name, value, strategy))
+        problems.append(_Problem(_base_loc(name), f"applies only to {users}, and no scenario uses it",
+                                 value, f"Remove it or add one of {users} to matrix.strategy"))
 
     seen: set[tuple] = set()
     for combination, values in _combinations(playbook):
@@ -594,8 +646,9 @@ def _scenario_problems(playbook: Playbook) -> list[_Problem]:
 def _combinations(playbook: Playbook) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """Yield (matrix values, merged scenario values) in matrix order.
 
-    A base postcopy_after_iterations applies only to hybrid scenarios, so that
-    one playbook can compare hybrid with the other strategies.
+    A base postcopy_after_iterations applies only to hybrid scenarios, and a
+    base value of any strategy tuning field only to the strategies that use it
+    (lab.strategies), so that one playbook can compare strategies.
     """
     base = playbook.base_values()
     keys = list(playbook.matrix)
@@ -605,12 +658,15 @@ def _combinations(playbook: Playbook) -> Iterator[tuple[dict[str, Any], dict[str
         values = {**base, **combination}
         if values["strategy"] != "hybrid" and "postcopy_after_iterations" not in combination:
             values["postcopy_after_iterations"] = None
+        values = reset_inapplicable(values, keep=set(combination))
         yield combination, values
 
 
 def _format_id_value(name: str, value: Any) -> str:
     if value is None:
         text = _ID_NULL.get(name, "none")
+    elif isinstance(value, FaultSpec):
+        text = value.id_text()
     elif isinstance(value, float) and value.is_integer():
         text = str(int(value))
     elif isinstance(value, float):

@@ -30,8 +30,16 @@ STRATEGY_COLORS = {
     "precopy": "#1f77b4",
     "postcopy": "#2ca02c",
     "hybrid": "#9467bd",
+    # Colors of matplotlib's tab20 palette for the strategies with a QEMU feature.
+    "downtime-steps": "#aec7e8",
+    "auto-converge": "#ff7f0e",
+    "dirty-limit": "#ffbb78",
+    "xbzrle": "#8c564b",
+    "multifd": "#17becf",
+    "postcopy-preempt": "#98df8a",
+    "flushing": "#7f7f7f",
 }
-_OTHER_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+_OTHER_COLORS = ["#e377c2", "#bcbd22", "#c5b0d5", "#c49c94", "#f7b6d2"]
 _LINE_STYLES = ["-", "--", ":", "-."]
 
 # Readable name and unit of each scenario field, for labels.
@@ -266,6 +274,37 @@ def plot_time_and_bytes_vs_dirty_rate(runs: pd.DataFrame, other_fields: list[str
             ax.set_ylabel(f"{y_label}, log scale")
         ax.grid(alpha=0.3)
         ax.legend(title="strategy", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_strategy_ranking(table: pd.DataFrame, metrics: dict[str, tuple[str, bool]], path: str | Path) -> Path:
+    """Draw one panel per metric with a horizontal bar per strategy, best at the top.
+
+    *table* is lab.ranking.strategy_ranking()'s result and *metrics* maps a
+    column to (heading, higher is better). Strategies without a value are
+    listed last with "n/a".
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(min(MAX_FIGURE_WIDTH_IN * 1.25, 4.0 * len(metrics)),
+                                                       max(3.0, 0.45 * len(table) + 1.5)))
+    fig.suptitle("Strategies ranked on each figure (median of completed runs; best at the top)")
+    strategies = list(table["strategy"])
+    for ax, (metric, (heading, higher_is_better)) in zip(axes, metrics.items()):
+        ax.set_title(heading + ("\n(higher is better)" if higher_is_better else "\n(lower is better)"),
+                     fontsize="medium")
+        if table.empty:
+            _no_data(ax, "no runs")
+            continue
+        ordered = table.sort_values(f"{metric}_rank", kind="stable").iloc[::-1]
+        values = ordered[metric].astype(float)
+        positions = np.arange(len(ordered))
+        ax.barh(positions, values.fillna(0.0),
+                color=[strategy_color(name, strategies) for name in ordered["strategy"]], alpha=0.85)
+        ax.set_yticks(positions)
+        ax.set_yticklabels([f"{rank}. {name}" for rank, name in zip(ordered[f"{metric}_rank"], ordered["strategy"])])
+        for position, value in zip(positions, values):
+            ax.text(0, position, " n/a" if math.isnan(value) else f" {value:,.3g}", va="center", fontsize="small")
+        ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 

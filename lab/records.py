@@ -77,6 +77,12 @@ _LIBVIRT_KEYS = {
     "memory_iteration": "iterations",
     "memory_postcopy_requests": "postcopy_requests",
     "memory_bps": "memory_bps",
+    # xbzrle: bytes and pages sent as deltas, cache misses and deltas too large to send.
+    "compression_cache": "xbzrle_cache_bytes",
+    "compression_bytes": "xbzrle_bytes",
+    "compression_pages": "xbzrle_pages",
+    "compression_cache_misses": "xbzrle_cache_misses",
+    "compression_overflow": "xbzrle_overflow",
 }
 
 
@@ -104,6 +110,12 @@ class MigrationStats(BaseModel):
     postcopy_requests: NonNegativeInt | None = None
     dirty_rate_bytes_s: NonNegativeInt | None = None
     memory_bps: NonNegativeInt | None = Field(None, description="transfer rate in bytes/s")
+    xbzrle_cache_bytes: NonNegativeInt | None = None
+    xbzrle_bytes: NonNegativeInt | None = Field(None, description="bytes sent as xbzrle deltas")
+    xbzrle_pages: NonNegativeInt | None = Field(None, description="pages sent as xbzrle deltas")
+    xbzrle_cache_misses: NonNegativeInt | None = None
+    xbzrle_overflow: NonNegativeInt | None = Field(
+        None, description="pages whose delta was larger than the page, so sent whole")
     raw: dict[str, int | float | str] = {}
 
     @classmethod
@@ -145,6 +157,33 @@ class Measured(BaseModel):
                           "postcopy this includes the postcopy phase, which QEMU's total time leaves out")
     switchover_at_s: NonNegativeFloat | None = None
     postcopy_started_at_s: NonNegativeFloat | None = None
+    # Figures of single strategies. libvirt reports the auto-converge throttle
+    # only while the job runs, so the harness keeps the sampled values.
+    auto_converge_throttle_max_pct: NonNegativeInt | None = None
+    auto_converge_throttle_last_pct: NonNegativeInt | None = None
+    multifd_connections_max: NonNegativeInt | None = Field(
+        None, description="most established TCP connections from the source seen on the destination")
+    postcopy_preempt: bool | None = Field(
+        None, description="QEMU's postcopy-preempt capability on the source during the migration")
+    postcopy_blocktime_ms: NonNegativeInt | None = Field(
+        None, description="time vCPUs waited for missing pages, overlapped across vCPUs, from the "
+                          "destination's query-migrate")
+    postcopy_vcpu_blocktime_max_ms: NonNegativeInt | None = None
+    downtime_raises: NonNegativeInt | None = Field(
+        None, description="times the downtime policy raised the maximum downtime")
+    downtime_limit_final_ms: NonNegativeInt | None = None
+    monitor_settings: str | None = Field(
+        None, description="QEMU settings the harness set through the QEMU monitor, as libvirt has no flag")
+    save_format_used: str | None = Field(None, description="save image format of a flushing run")
+    save_ms: NonNegativeFloat | None = None
+    restore_ms: NonNegativeFloat | None = None
+    save_file_bytes: NonNegativeInt | None = Field(None, description="apparent size of the save file")
+    save_file_disk_bytes: NonNegativeInt | None = Field(None, description="allocated size of the save file")
+    guest_rate_before_pps: NonNegativeFloat | None = Field(
+        None, description="median workload rate_pps of the reports before the migration call")
+    guest_rate_min_pps: NonNegativeFloat | None = Field(
+        None, description="lowest rate_pps of the reports printed during the migration, on the source, "
+                          "and of the first report on the destination")
     phases: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]+_s$")], NonNegativeFloat] = {}
 
 
@@ -358,6 +397,45 @@ class HostFigures(BaseModel):
     tx_bytes: NonNegativeInt | None = Field(None, description="bytes sent on the interface in the window")
 
 
+FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "not-struck"]
+
+
+class FaultRecord(BaseModel):
+    """A fault struck during the run (lab.faults) and what became of the guest."""
+
+    model_config = _CONFIG
+
+    kind: str
+    trigger: str = Field(description="the moment the playbook chose, such as 'progress 30%'")
+    spec: dict[str, str | bool | int | float | None] = Field(description="the fault as the playbook gave it")
+    struck_at_s: NonNegativeFloat | None = Field(None, description="seconds after the migration call; "
+                                                 "None when the migration ended before the trigger")
+    in_postcopy: bool = False
+    outcome: FaultOutcome
+    detail: str | None = None
+    aborted_at_s: NonNegativeFloat | None = Field(
+        None, description="when the harness aborted (precopy) or paused (postcopy) the job after the fault")
+    restored_at_s: NonNegativeFloat | None = Field(None, description="when the link came back up")
+    timed_out: bool = Field(False, description="a wait after the strike reached its timeout")
+    recovery_attempted: bool = False
+    recovered: bool | None = None
+    recovery_ms: NonNegativeFloat | None = Field(None, description="duration of the postcopy resume call")
+    source_state: str | None = Field(None, description="the guest's state on the source after the run")
+    destination_state: str | None = None
+    steps: list[str] = []
+
+    def columns(self) -> dict[str, Any]:
+        """Return the fault's columns of the runs table."""
+        return {"fault_kind": self.kind, "fault_trigger": self.trigger, "fault_struck_at_s": self.struck_at_s,
+                "fault_in_postcopy": self.in_postcopy, "fault_outcome": self.outcome,
+                "fault_timed_out": self.timed_out, "fault_recovered": self.recovered,
+                "fault_recovery_ms": self.recovery_ms}
+
+
+FAULT_COLUMNS = ["fault_kind", "fault_trigger", "fault_struck_at_s", "fault_in_postcopy", "fault_outcome",
+                 "fault_timed_out", "fault_recovered", "fault_recovery_ms"]
+
+
 class RunRecord(BaseModel):
     """Everything stored about one run, written as record.json."""
 
@@ -368,7 +446,7 @@ class RunRecord(BaseModel):
     experiment: ExperimentName
     run_id: str
     scenario_id: ScenarioId
-    scenario: dict[str, str | int | float | None] = Field(
+    scenario: dict[str, str | bool | int | float | None] = Field(
         description="scenario settings, as Scenario.values() returns them")
     repetition: Annotated[int, Field(ge=1)]
     source_host: Annotated[str, Field(min_length=1)]
@@ -384,6 +462,7 @@ class RunRecord(BaseModel):
     observed: Observed = Observed()
     host_figures: list[HostFigures] = []
     warnings: list[str] = []
+    fault: FaultRecord | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -397,6 +476,12 @@ class RunRecord(BaseModel):
                 f"{SCHEMA_VERSION}. Upgrade migration-lab to read it")
         if isinstance(data.get("scenario"), Scenario):
             data = {**data, "scenario": data["scenario"].values()}
+        fault = (data.get("scenario") or {}).get("fault")
+        if isinstance(fault, dict):
+            # The scenario keeps the fault's id text; the fault section keeps the whole spec.
+            from lab.faults import FaultSpec
+
+            data = {**data, "scenario": {**data["scenario"], "fault": FaultSpec.model_validate(fault).id_text()}}
         return data
 
     @field_validator("started_at", "ended_at")
@@ -440,6 +525,7 @@ TIMELINE_COLUMNS: dict[str, str] = {
     "iteration": "Int64",
     "postcopy_requests": "Int64",
     "memory_bps": "Int64",
+    "auto_converge_throttle_pct": "Int64",
 }
 
 # Keys of one timeline event. wall_time is an ISO 8601 string with time zone.

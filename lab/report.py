@@ -10,7 +10,10 @@ summary.csv
 summary.md
     the same statistics as a Markdown table, the excluded runs, and quality
     warnings.
-downtime_by_strategy.png, time_and_bytes_vs_dirty_rate.png, downtime_qemu_vs_client.png
+ranking.csv
+    one row per strategy with the figures of lab.ranking and their ranks.
+downtime_by_strategy.png, time_and_bytes_vs_dirty_rate.png, downtime_qemu_vs_client.png,
+strategy_ranking.png
     figures, see lab.plots.
 
 Runs whose outcome is not "completed" count in n and n_excluded but never in
@@ -29,8 +32,9 @@ import pandas as pd
 
 from lab.errors import ConfigError
 from lab.playbook import SCENARIO_FIELDS, load_playbook
-from lab.plots import (FIELD_LABELS, plot_downtime_by_strategy, plot_downtime_views,
+from lab.plots import (FIELD_LABELS, plot_downtime_by_strategy, plot_downtime_views, plot_strategy_ranking,
                        plot_time_and_bytes_vs_dirty_rate)
+from lab.ranking import RANKING_METRICS, ranking_markdown, strategy_ranking
 from lab.store import PLAYBOOK_COPY, find_experiment_dir, load_runs, read_experiment_file
 
 log = logging.getLogger(__name__)
@@ -216,6 +220,15 @@ def _summary_markdown(experiment: str, playbook_sha256: str | None, runs: pd.Dat
             columns={"run_id": "run", "error": "error message"})
         lines += ["## Excluded runs", "", table.to_markdown(index=False), ""]
 
+    if len(runs):
+        lines += ["## Strategy ranking", "",
+                  "Per strategy over all its runs: converged is the share of runs that completed (a run "
+                  "cancelled at max_time_s did not converge); the other figures are medians over completed "
+                  "runs, with the rank in brackets (1 is best). Downtime is the paused time from libvirt's "
+                  "events, total time runs to the end of postcopy or of the restore, and guest slowdown "
+                  "compares the workload's lowest rate during the migration with its rate before.", "",
+                  ranking_markdown(strategy_ranking(runs)), ""]
+
     warnings = quality_warnings(summary)
     lines += ["## Quality warnings", ""]
     lines += [f"- {warning}" for warning in warnings] if warnings else ["None."]
@@ -261,7 +274,11 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
             completed, [field for field in other_fields if field != "dirty_rate_mib_s"],
             out_dir / "time_and_bytes_vs_dirty_rate.png"),
         plot_downtime_views(completed, other_fields, out_dir / "downtime_qemu_vs_client.png"),
+        plot_strategy_ranking(strategy_ranking(runs), RANKING_METRICS, out_dir / "strategy_ranking.png"),
     ]
+    ranking_csv = out_dir / "ranking.csv"
+    strategy_ranking(runs).to_csv(ranking_csv, index=False)
+    written.append(ranking_csv)
 
     summary_md = out_dir / "summary.md"
     experiment = read_experiment_file(experiment_dir)

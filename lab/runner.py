@@ -32,7 +32,10 @@ from lab.hosts.figures import HostWindow
 from lab.hosts.local import LocalLab
 from lab.hosts.shell import HostFile
 
-from lab.migrate import Migration, MigrationResult, MigrationSettings
+from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
+from lab.errors import ConfigError
+from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
+                         migration_connections_argv)
 from lab.locking import experiment_lock
 from lab.preflight import available_memory_mib, check_guest_memory, check_results_writable
 from lab.playbook import Playbook, Scenario
@@ -52,7 +55,7 @@ REPORTS_BEFORE_MIGRATION = 2
 
 @dataclass
 class ExperimentSummary:
-    """What one call of :meth:`ExperimentRunner.run` did."""
+    """Outcomes, skipped runs and interruption of one :meth:`ExperimentRunner.run` call."""
 
     experiment_dir: Path
     outcomes: dict[str, str] = field(default_factory=dict)
@@ -150,10 +153,52 @@ class ExperimentRunner:
             self.source, probe, console_path(self.source_host, probe.name), self.access.accelerator_dir,
             requested=self.accelerator_request)
         log.info("accelerator: %s (%s)", self.accelerator, reason)
+        self._check_stack()
         self.environment = Environment(**{**describe(
             self.source, accelerator=self.accelerator, guest_image_digest=self.image.digest,
             guest_kernel_version=self.image.kernel_version, playbook_sha256=self.playbook.sha256),
             **self.access.platform()})
+
+    def _check_stack(self) -> None:
+        """Reject the playbook when the hosts' QEMU and libvirt cannot run one of its strategies or options."""
+        kernel, initrd = self.access.image_paths(self.image)
+        capabilities = cached_capabilities(self.source, kernel, initrd, self.access.accelerator_dir)
+        self.stack = stack_facts(self.source, self.destination, capabilities, self.accelerator)
+        scenarios = self.playbook.scenarios()
+        messages = [rejection.message() for rejection in stack_problems(
+            [(scenario.scenario_id, scenario.values()) for scenario in scenarios], self.stack)]
+        flushing = [scenario.scenario_id for scenario in scenarios if scenario.strategy == "flushing"]
+        if flushing and self.access.local_lab is None:
+            messages.append(f"strategy flushing needs storage both hosts share, which only the local lab "
+                            f"has (scenarios {', '.join(flushing)})")
+        if messages:
+            raise ConfigError("the hosts cannot run " + "; ".join(messages),
+                              path=str(self.playbook.path or self.playbook.experiment), field="migration",
+                              fix="Remove these strategies or options from the playbook, or run it on "
+                                  "hosts with the versions named")
+        log.info("QEMU %s and libvirt %s support every strategy of the playbook",
+                 ".".join(map(str, self.stack.qemu)), ".".join(map(str, self.stack.libvirt)))
+
+    def _migration_settings(self, scenario: Scenario, guest_name: str) -> MigrationSettings:
+        """Turn a scenario into migration settings, with the paths and the save format of this lab."""
+        extra: dict[str, object] = {"migration_uri": self.destination_host.migration_uri}
+        if scenario.strategy == "flushing":
+            extra["save_format"] = scenario.save_format or (
+                "sparse" if sparse_save_supported(self.stack) else "raw")
+        local_lab = self.access.local_lab
+        if local_lab is not None:
+            # The local lab's hosts share the filesystem outside their private libvirt folders.
+            extra["save_dir"] = local_lab.root / "shared"
+            if scenario.strategy in ("postcopy", "postcopy-preempt", "hybrid") \
+                    and "postcopy-blocktime" in self.stack.capabilities:
+                extra["destination_qmp_socket"] = local_lab.root / "qmp" / f"{guest_name}.sock"
+        return MigrationSettings.from_values(scenario.values(), **extra)
+
+    def _count_migration_connections(self) -> int:
+        source_address = self.source_host.migration_uri.split("//", 1)[-1].split(":")[0]
+        result = self.destination_host.shell.run(migration_connections_argv(source_address), timeout=10,
+                                                 check=False)
+        return len([line for line in result.stdout.splitlines() if line.strip()])
 
     def _probe_scenario(self) -> Scenario:
         return self.playbook.scenarios()[0]
@@ -266,13 +311,15 @@ class ExperimentRunner:
             probes = self._start_probes(warnings)
 
             t = time.monotonic()
-            settings = MigrationSettings(
-                strategy=scenario.strategy, migration_uri=self.destination_host.migration_uri,
-                bandwidth_mib_s=scenario.bandwidth_mib_s, downtime_limit_ms=scenario.downtime_limit_ms,
-                max_time_s=scenario.max_time_s, postcopy_after_iterations=scenario.postcopy_after_iterations)
+            settings = self._migration_settings(scenario, name)
+            if settings.save_dir is not None:
+                settings.save_dir.mkdir(parents=True, exist_ok=True)
+            if settings.destination_qmp_socket is not None:
+                settings.destination_qmp_socket.parent.mkdir(parents=True, exist_ok=True)
             self._migration = Migration(dom, self.source, self.destination, settings,
                                         source_name=self.source_host.name,
-                                        destination_name=self.destination_host.name)
+                                        destination_name=self.destination_host.name,
+                                        connection_counter=self._count_migration_connections)
             sampler = self._start_sampler(name, scenario, warnings)
             try:
                 result = self._migration.run()
@@ -311,6 +358,11 @@ class ExperimentRunner:
         if windows:
             files["host-samples.csv"] = _samples_csv(windows)
         observed = self._observe(result, probe_outputs, files, warnings)
+        if result is not None:
+            rates = guest_rate_figures(files.get(f"console-{self.source_host.name}.log", b"").decode(errors="replace"),
+                                       files.get(f"console-{self.destination_host.name}.log", b"").decode(
+                                           errors="replace"), last_seq)
+            result.details.update(guest_rate_before_pps=rates[0], guest_rate_min_pps=rates[1])
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
                               phases, warnings, observed=observed,
                               host_figures=[HostFigures.model_validate(window.figures()) for window in windows])
@@ -426,7 +478,7 @@ class ExperimentRunner:
             transfer_time_ms=result.transfer_time_ms if result else None,
             switchover_at_s=result.switchover_at_s if result else None,
             postcopy_started_at_s=result.postcopy_started_at_s if result else None,
-            phases=phases)
+            phases=phases, **(result.details if result else {}))
         return RunRecord(
             experiment=self.playbook.experiment, run_id=run_id, scenario_id=scenario.scenario_id,
             scenario=scenario.values(), repetition=repetition, source_host=self.source_host.name,

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from lab.errors import ConfigError
 from lab.playbook import (GUEST_HEADROOM_MIB, STRATEGIES, Playbook, PlaybookError, Scenario,
                           load_playbook)
+from lab.strategies import FIELD_OFF_VALUES
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "playbooks" / "quickstart.yaml"
@@ -95,13 +96,19 @@ def test_base_iterations_apply_only_to_hybrid():
     assert by_id["postcopy-rate24"].postcopy_after_iterations is None
 
 
+# Every strategy tuning field at its off value, as quickstart leaves them.
+STRATEGY_TUNING_OFF = {name: value for name, value in FIELD_OFF_VALUES.items()
+                       if name != "postcopy_after_iterations"}
+
+
 def test_scenario_values_merge_matrix_over_base():
     values = load_playbook(QUICKSTART).scenarios()[3].values()
     assert values == {
         "strategy": "precopy", "memory_mib": 256, "vcpus": 1, "working_set_mib": 96,
         "dirty_rate_mib_s": 24.0, "pattern": "random", "bandwidth_mib_s": 32,
         "downtime_limit_ms": 300, "max_time_s": 120, "postcopy_after_iterations": None,
-        "link_rate_mib_s": None, "nic_model": "e1000",
+        "link_rate_mib_s": None, "nic_model": "e1000", "fault": None,
+        **STRATEGY_TUNING_OFF,
     }
 
 

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 
 from lab.plots import STRATEGY_COLORS, _use_log_scale, ordered_strategies, strategy_color
+from lab.playbook import STRATEGIES
 from lab.report import summarize, write_report
 from lab.store import StoreError, load_runs
 from tests.fixtures.fabricate import MIB, fabricate_experiment
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["downtime_by_strategy.png", "paused_time_by_strategy.png", "time_and_bytes_vs_dirty_rate.png",
-           "downtime_qemu_vs_client.png"]
+           "strategy_ranking.png", "downtime_qemu_vs_client.png"]
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def assert_valid_png(path):
 def test_report_writes_all_files(report):
     experiment_dir, paths, _ = report
     names = sorted(path.name for path in paths)
-    assert names == sorted(["runs.csv", "summary.csv", "summary.md", *FIGURES])
+    assert names == sorted(["runs.csv", "summary.csv", "summary.md", "ranking.csv", *FIGURES])
     for path in paths:
         assert path.parent == experiment_dir / "report"
         assert path.stat().st_size > 0
@@ -248,7 +249,8 @@ def test_log_scale_above_two_decades():
 
 
 def test_strategy_colors_are_fixed():
-    assert len(set(STRATEGY_COLORS.values())) == 4
+    assert len(set(STRATEGY_COLORS.values())) == len(STRATEGY_COLORS)
+    assert set(STRATEGY_COLORS) == set(STRATEGIES)
     assert strategy_color("postcopy", ["postcopy"]) == STRATEGY_COLORS["postcopy"]
     assert strategy_color("postcopy", ["precopy", "postcopy", "other"]) == \
         STRATEGY_COLORS["postcopy"]
