@@ -1,7 +1,6 @@
 """Classroom exercises: the simple precopy model and the answer key of each exercise.
 
-The model follows Liu et al., "Performance and energy modeling for live
-migration of virtual machines" (HPDC 2011). With memory M, link rate R and
+The model is the one of Liu et al. (HPDC 2011). With memory M, link rate R and
 dirty rate D, the ratio L = D / R sets the size of each precopy round: round
 0 sends all of M, round i sends M * L**i, and the rounds stop at the first n
 where M * L**n fits in the downtime budget, M * L**n <= R * downtime_limit.
@@ -105,7 +104,7 @@ _TEXT = {
 
 @dataclass(frozen=True)
 class ModelPrediction:
-    """What the simple precopy model predicts for one migration.
+    """Prediction of the simple precopy model for one migration.
 
     ``rounds`` counts the passes over memory: the first full pass, the live
     rounds and the last round sent while the guest is paused. Without
@@ -256,7 +255,8 @@ def load_exercise(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Exercise:
     for index, item in enumerate(data["questions"]):
         where = f"questions[{index}]"
         if not isinstance(item, dict) or "id" not in item:
-            raise ConfigError("question needs an id, es, en and metrics", path=str(path), field=where)
+            raise ConfigError("question needs an id and a text for es and en", path=str(path), field=where,
+                              fix="Write each question as a mapping with id, es, en and optional metrics and model")
         metrics = tuple(item.get("metrics") or ())
         model = tuple(item.get("model") or ())
         for name in metrics:
