@@ -24,8 +24,10 @@ from lab.playbook import ExperimentName, Scenario, ScenarioId
 log = logging.getLogger(__name__)
 
 # Version 2 added ``observed`` and ``host_figures``; records of version 1 read as having
-# no observations and no host figures.
-SCHEMA_VERSION = 2
+# no observations and no host figures. Version 3 added the strategy figures (xbzrle_* in
+# stats; throttle, connections, blocktime, downtime raises, save and guest rates in measured),
+# which read as None in older records.
+SCHEMA_VERSION = 3
 
 Outcome = Literal["completed", "failed", "cancelled", "timed-out", "guest-crashed",
                   "memory-corrupt", "guest-lost"]
@@ -441,7 +443,7 @@ class RunRecord(BaseModel):
 
     model_config = _CONFIG
 
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     harness_version: str = __version__
     experiment: ExperimentName
     run_id: str
