@@ -150,8 +150,12 @@ class LabAccess:
 
     @property
     def accelerator_dir(self) -> Path:
-        """Folder of the cached accelerator verdict: the machine's for the fast path, else per inventory."""
-        if self.choice.transport == "namespaces":
+        """Folder of the cached accelerator verdict: the machine's for the local lab, else per inventory host.
+
+        The local lab's hosts run this machine's QEMU on this machine's
+        /dev/kvm, so both of its transports share the machine's verdict.
+        """
+        if self.choice.local:
             return state_dir()
         return state_dir() / "accelerator" / self.inventory.name / self.source.name
 
