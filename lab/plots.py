@@ -302,8 +302,14 @@ def plot_strategy_ranking(table: pd.DataFrame, metrics: dict[str, tuple[str, boo
                 color=[strategy_color(name, strategies) for name in ordered["strategy"]], alpha=0.85)
         ax.set_yticks(positions)
         ax.set_yticklabels([f"{rank}. {name}" for rank, name in zip(ordered[f"{metric}_rank"], ordered["strategy"])])
+        if _use_log_scale(values.dropna()):
+            # Stop-and-copy's downtime can be 100 times that of live strategies.
+            ax.set_xscale("log")
+            ax.set_xlabel("log scale")
         for position, value in zip(positions, values):
-            ax.text(0, position, " n/a" if math.isnan(value) else f" {value:,.3g}", va="center", fontsize="small")
+            # Labels sit at the left edge in axes coordinates, which works on a log axis too.
+            ax.text(0.01, position, "n/a" if math.isnan(value) else f"{value:,.3g}", va="center",
+                    fontsize="small", transform=ax.get_yaxis_transform())
         ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
