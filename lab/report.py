@@ -194,6 +194,29 @@ def _markdown_table(summary: pd.DataFrame, fields: list[str]) -> str:
     return table.to_markdown(index=False)
 
 
+# Fault columns of the runs table shown in the report, with their headings.
+FAULT_TABLE_COLUMNS = {"run_id": "run", "fault_kind": "fault", "fault_trigger": "trigger",
+                       "fault_struck_at_s": "struck at (s)", "fault_in_postcopy": "in postcopy",
+                       "outcome": "run outcome", "fault_outcome": "fault outcome",
+                       "fault_timed_out": "wait timed out", "fault_recovered": "recovered",
+                       "fault_recovery_ms": "recovery (ms)"}
+
+
+def _faults_markdown(runs: pd.DataFrame) -> list[str]:
+    """Return the lines of the faults section: one row per run that had a fault, or none."""
+    if "fault_kind" not in runs or not runs["fault_kind"].notna().any():
+        return []
+    faulty = runs[runs["fault_kind"].notna()]
+    table = faulty[[column for column in FAULT_TABLE_COLUMNS if column in faulty]].rename(
+        columns=FAULT_TABLE_COLUMNS)
+    table = table.astype(object).where(table.notna(), "n/a")
+    return ["## Faults", "",
+            "Fault outcome: completed, source-running (the migration failed and the guest still runs on "
+            "the source), postcopy-recovered (paused in postcopy, resumed and finished), guest-lost, or "
+            "not-struck (the migration ended before the trigger).", "",
+            table.to_markdown(index=False, floatfmt=".1f"), ""]
+
+
 def _summary_markdown(experiment: str, playbook_sha256: str | None, runs: pd.DataFrame,
                       summary: pd.DataFrame, fields: list[str], figures: list[Path]) -> str:
     completed = int((runs["outcome"] == "completed").sum())
@@ -219,6 +242,8 @@ def _summary_markdown(experiment: str, playbook_sha256: str | None, runs: pd.Dat
         table = excluded[["run_id", "outcome", "error"]].rename(
             columns={"run_id": "run", "error": "error message"})
         lines += ["## Excluded runs", "", table.to_markdown(index=False), ""]
+
+    lines += _faults_markdown(runs)
 
     if len(runs):
         lines += ["## Strategy ranking", "",

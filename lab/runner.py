@@ -34,6 +34,7 @@ from lab.hosts.shell import HostFile
 
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
 from lab.errors import ConfigError
+from lab.faults import FaultInjector, FaultTimeouts, domain_state, resume_postcopy
 from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
                          migration_connections_argv)
 from lab.locking import experiment_lock
@@ -41,7 +42,7 @@ from lab.preflight import available_memory_mib, check_guest_memory, check_result
 from lab.playbook import Playbook, Scenario
 from lab.probes.observe import RunClock, observe_run
 from lab.probes.session import ProbeOutputs, ProbePlan, ProbeSession
-from lab.records import (Environment, HostFigures, Integrity, Measured, MigrationStats, Observed, RunRecord,
+from lab.records import (Environment, FaultRecord, HostFigures, Integrity, Measured, MigrationStats, Observed, RunRecord,
                          make_timeline)
 from lab.timeline import encode_parts
 
@@ -171,6 +172,10 @@ class ExperimentRunner:
         if flushing and self.access.local_lab is None:
             messages.append(f"strategy flushing needs storage both hosts share, which only the local lab "
                             f"has (scenarios {', '.join(flushing)})")
+        faulty = [scenario.scenario_id for scenario in scenarios if scenario.fault is not None]
+        if faulty and self.access.local_lab is None:
+            messages.append(f"faults need the local lab, whose namespaces the harness controls "
+                            f"(scenarios {', '.join(faulty)})")
         if messages:
             raise ConfigError("the hosts cannot run " + "; ".join(messages),
                               path=str(self.playbook.path or self.playbook.experiment), field="migration",
@@ -298,6 +303,8 @@ class ExperimentRunner:
         probe_outputs: ProbeOutputs | None = None
         windows: list[HostWindow] = []
         link = self.access.shaped_link(scenario.link_rate_mib_s)
+        injector: FaultInjector | None = None
+        fault = None
         try:
             link.__enter__()
             t = time.monotonic()
@@ -316,10 +323,12 @@ class ExperimentRunner:
                 settings.save_dir.mkdir(parents=True, exist_ok=True)
             if settings.destination_qmp_socket is not None:
                 settings.destination_qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+            injector = self._fault_injector(scenario, name, dom)
             self._migration = Migration(dom, self.source, self.destination, settings,
                                         source_name=self.source_host.name,
                                         destination_name=self.destination_host.name,
-                                        connection_counter=self._count_migration_connections)
+                                        connection_counter=self._count_migration_connections,
+                                        fault_hook=injector.poll if injector is not None else None)
             sampler = self._start_sampler(name, scenario, warnings)
             try:
                 result = self._migration.run()
@@ -328,8 +337,12 @@ class ExperimentRunner:
                 self._migration = None
                 if sampler is not None:
                     windows = sampler.stop()
+                if injector is not None:
+                    self._undo_fault(injector, warnings)
             phases["migration_s"] = time.monotonic() - t
             warnings.extend(result.warnings)
+            if injector is not None:
+                self._recover_postcopy(injector, result, dom, settings)
 
             t = time.monotonic()
             outcome, error, integrity = self._check_guest(result, dom, source_console, destination_console,
@@ -347,6 +360,10 @@ class ExperimentRunner:
             if probes is not None:
                 probe_outputs = probes.stop()
                 probes.close()
+            if injector is not None:
+                # Undone again here for a run that failed before the migration's own undo.
+                self._undo_fault(injector, warnings)
+                fault = self._fault_record(injector, name, outcome, integrity)
             self._remove_guest(name)
             link.remove()
 
@@ -365,7 +382,8 @@ class ExperimentRunner:
             result.details.update(guest_rate_before_pps=rates[0], guest_rate_min_pps=rates[1])
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
                               phases, warnings, observed=observed,
-                              host_figures=[HostFigures.model_validate(window.figures()) for window in windows])
+                              host_figures=[HostFigures.model_validate(window.figures()) for window in windows],
+                              fault=fault)
         timeline = make_timeline(result.samples if result else [])
         events = [event.as_dict() for event in result.events] if result else []
         return record, timeline, events, files
@@ -457,6 +475,81 @@ class ExperimentRunner:
             return "guest-lost", message if error is None else f"{error}; {message}", integrity
         return outcome, error, integrity
 
+    # -- faults --------------------------------------------------------------
+
+    def _fault_injector(self, scenario: Scenario, guest_name: str, dom) -> FaultInjector | None:
+        if scenario.fault is None:
+            return None
+        timeouts = self.playbook.timeouts
+        return FaultInjector(
+            scenario.fault, self.access.local_lab, source_host=self.source_host.name,
+            destination_host=self.destination_host.name, source_shell=self.source_host.shell,
+            source_interface=self.source_host.migration_interface, guest_name=guest_name, source_domain=dom,
+            timeouts=FaultTimeouts(settle_s=timeouts.fault_settle_s, abort_s=timeouts.fault_abort_s,
+                                   recovery_s=timeouts.postcopy_recovery_s, restart_s=timeouts.daemon_restart_s),
+            hosts=self.playbook.lab.hosts)
+
+    def _undo_fault(self, injector: FaultInjector, warnings: list[str]) -> None:
+        """Undo the fault and reconnect to a destination whose libvirtd was started again."""
+        restarted = injector.libvirtd_killed
+        for error in injector.undo():
+            warnings.append(f"fault cleanup: {error}")
+        if restarted and not injector.libvirtd_killed:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.destination.close()
+            self.destination = self.destination_host.connect()
+
+    def _recover_postcopy(self, injector: FaultInjector, result: MigrationResult, dom,
+                          settings: MigrationSettings) -> None:
+        """Resume a postcopy migration that the fault broke, once the link is back.
+
+        Only a guest paused in postcopy on the source is resumed: its
+        destination QEMU must still hold the pages already moved, so a
+        killed destination QEMU is not retried. A failed resume leaves the
+        guest as it is; the integrity check then records it lost.
+        """
+        report = injector.report
+        if result.outcome == "completed" or report.struck_at_s is None or injector.spec.kind == "kill-qemu" \
+                or result.postcopy_started_at_s is None:
+            return
+        state = domain_state(self.source, dom.name())
+        report.source_state = state
+        if not state.startswith("paused/postcopy"):
+            report.steps.append(f"no postcopy resume: the source guest is {state}")
+            return
+        report.recovery_attempted = True
+        timeout_s = float(self.playbook.timeouts.postcopy_recovery_s)
+        new_domain, error, took_s = resume_postcopy(dom, self.destination, settings.params(), settings.flags(),
+                                                    timeout_s)
+        report.recovery_ms = took_s * 1000.0
+        report.recovered = new_domain is not None
+        if new_domain is None:
+            report.timed_out = report.timed_out or took_s >= timeout_s
+            report.steps.append(f"postcopy resume failed after {took_s:.1f} s: {error}")
+            return
+        report.steps.append(f"postcopy resumed and finished in {took_s:.1f} s")
+        result.outcome, result.error, result.destination_domain = "completed", None, new_domain
+
+    def _fault_record(self, injector: FaultInjector, guest_name: str, outcome: str,
+                      integrity: Integrity) -> FaultRecord:
+        """Classify where the guest ended after the fault, with the state of both sides."""
+        report = injector.report
+        report.source_state = domain_state(self.source, guest_name)
+        report.destination_state = domain_state(self.destination, guest_name)
+        if report.struck_at_s is None:
+            fault_outcome = "not-struck"
+        elif outcome == "completed":
+            fault_outcome = "postcopy-recovered" if report.recovered else "completed"
+        elif integrity.guest_alive and report.source_state == "running":
+            fault_outcome = "source-running"
+        else:
+            fault_outcome = "guest-lost"
+        if report.detail is None and report.steps:
+            report.detail = report.steps[-1]
+        values = report.as_dict()
+        values.pop("outcome")
+        return FaultRecord(spec=injector.spec.model_dump(), outcome=fault_outcome, **values)
+
     def _remove_guest(self, name: str) -> None:
         for conn in (self.source, self.destination):
             try:
@@ -470,7 +563,7 @@ class ExperimentRunner:
 
     def _record(self, run_id, scenario, repetition, started_at, outcome, error, result, integrity, phases,
                 warnings, *, observed: Observed | None = None,
-                host_figures: list[HostFigures] | None = None) -> RunRecord:
+                host_figures: list[HostFigures] | None = None, fault: FaultRecord | None = None) -> RunRecord:
         stats = MigrationStats.from_libvirt(result.completed_stats if result else {})
         measured = Measured(
             wall_total_ms=result.wall_total_ms if result else None,
@@ -485,4 +578,4 @@ class ExperimentRunner:
             destination_host=self.destination_host.name, started_at=started_at,
             ended_at=datetime.now(timezone.utc), outcome=outcome, error=error, stats=stats, measured=measured,
             integrity=integrity, environment=self.environment, observed=observed or Observed(),
-            host_figures=host_figures or [], warnings=warnings)
+            host_figures=host_figures or [], warnings=warnings, fault=fault)

@@ -5,6 +5,7 @@ Layout::
     <results>/<experiment>/
         playbook.yaml          copy of the playbook file
         experiment.json        name, playbook sha256, created_at, environment of the first run
+        runs.parquet           cache of load_runs(), rebuilt when missing or stale (lab.run_table)
         runs/<run_id>/
             record.json        the RunRecord
             timeline.parquet   progress samples, columns of records.TIMELINE_COLUMNS
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 
 from lab.errors import ConfigError, LabError
 from lab.playbook import SCENARIO_FIELDS, Playbook, Scenario
-from lab.records import (OBSERVED_COLUMNS, TIMELINE_COLUMNS, Environment, Integrity, Measured,
+from lab.records import (FAULT_COLUMNS, OBSERVED_COLUMNS, TIMELINE_COLUMNS, Environment, Integrity, Measured,
                          MigrationStats, RecordVersionError, RunRecord, make_timeline, run_id_for,
                          validate_events)
 
@@ -381,8 +382,9 @@ _ENV_COLUMNS = [f"env_{name}" for name in Environment.model_fields]
 _FRONT_COLUMNS = ["run_id", "scenario_id", "repetition", "outcome", "error"]
 _BACK_COLUMNS = ["source_host", "destination_host", "warning_count", "started_at", "ended_at"]
 RUN_COLUMNS = (_FRONT_COLUMNS + list(SCENARIO_FIELDS) + _STATS_COLUMNS + _MEASURED_COLUMNS
-               + _INTEGRITY_COLUMNS + OBSERVED_COLUMNS + _ENV_COLUMNS + _BACK_COLUMNS)
-_TEXT_COLUMNS = {"run_id", "scenario_id", "outcome", "error", "strategy", "pattern", "nic_model",
+               + _INTEGRITY_COLUMNS + OBSERVED_COLUMNS + FAULT_COLUMNS + _ENV_COLUMNS + _BACK_COLUMNS)
+_TEXT_COLUMNS = {"run_id", "scenario_id", "outcome", "error", "strategy", "pattern", "nic_model", "fault",
+                 "fault_kind", "fault_trigger", "fault_outcome",
                  "source_host", "destination_host", *_ENV_COLUMNS}
 
 
@@ -405,6 +407,8 @@ def _flatten(record: RunRecord) -> dict[str, Any]:
     integrity["console_trouble_count"] = len(integrity.pop("console_trouble"))
     row.update(integrity)
     row.update(record.observed.columns())
+    if record.fault is not None:
+        row.update(record.fault.columns())
     row.update({f"env_{name}": value for name, value in record.environment.model_dump().items()})
     row["source_host"] = record.source_host
     row["destination_host"] = record.destination_host

@@ -1,0 +1,153 @@
+"""Faults struck on the real local lab, and the state of guest and lab afterwards.
+
+One hybrid experiment with four faults: the link cut during precopy and
+during postcopy, the destination QEMU killed and the destination libvirtd
+killed. Probes are off to keep the runs short.
+"""
+
+from __future__ import annotations
+
+import json
+
+import libvirt
+import pytest
+
+from lab.hosts import shaping
+from lab.hosts.shell import NamespaceShell
+from lab.playbook import load_playbook
+from lab.report import write_report
+from lab.runner import ExperimentRunner
+from lab.store import load_record
+
+pytestmark = pytest.mark.lab
+
+PLAYBOOK = """
+experiment: lab-faults
+lab:
+  hosts: 2
+guest:
+  memory_mib: 128
+  vcpus: 1
+workload:
+  working_set_mib: 32
+  dirty_rate_mib_s: 4
+  pattern: random
+migration:
+  strategy: hybrid
+  bandwidth_mib_s: 8
+  max_time_s: 120
+  postcopy_after_iterations: 1
+  postcopy_bandwidth_mib_s: 1
+matrix:
+  fault:
+    - {kind: link-down, at_progress_pct: 30.0}
+    - {kind: link-down, at_postcopy: true, delay_s: 0.5}
+    - {kind: kill-qemu, at_progress_pct: 30.0}
+    - {kind: kill-libvirtd, at_s: 2.0}
+repetitions: 1
+probes:
+  echo: {enabled: false}
+  stream: {enabled: false}
+  capture: {enabled: false}
+timeouts:
+  fault_settle_s: 8
+  fault_abort_s: 20
+  postcopy_recovery_s: 40
+  daemon_restart_s: 60
+"""
+
+RUNS = {
+    "cut-precopy": "fault-link-down-p30-r1",
+    "cut-postcopy": "fault-link-down-pc-r1",
+    "kill-qemu": "fault-kill-qemu-p30-r1",
+    "kill-libvirtd": "fault-kill-libvirtd-t2-r1",
+}
+
+
+@pytest.fixture(scope="module")
+def experiment(shared_lab, guest_image, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    playbook_path = folder / "playbook.yaml"
+    playbook_path.write_text(PLAYBOOK)
+    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
+                              lab=shared_lab, show_progress=False)
+    return runner.run()
+
+
+def record_of(experiment, name):
+    return load_record(experiment.experiment_dir / "runs" / RUNS[name])
+
+
+def test_every_fault_ran(experiment):
+    assert sorted(experiment.outcomes) == sorted(RUNS.values())
+    assert not experiment.interrupted
+
+
+def test_cut_precopy_leaves_guest_on_source(experiment):
+    record = record_of(experiment, "cut-precopy")
+    fault = record.fault
+    assert fault.struck_at_s is not None
+    assert not fault.in_postcopy
+    assert fault.timed_out
+    assert fault.aborted_at_s >= fault.struck_at_s + 8
+    assert record.outcome == "timed-out"
+    assert fault.outcome == "source-running"
+    assert fault.source_state == "running"
+    assert record.integrity.guest_alive
+    assert record.integrity.bad_pages == 0
+
+
+def test_cut_postcopy_outcome(experiment):
+    record = record_of(experiment, "cut-postcopy")
+    fault = record.fault
+    assert fault.struck_at_s is not None
+    assert fault.in_postcopy
+    assert fault.recovery_attempted
+    assert fault.outcome == "postcopy-recovered", json.dumps(fault.model_dump(), indent=1)
+    assert fault.recovered
+    assert fault.recovery_ms > 0
+    assert record.outcome == "completed"
+    assert record.integrity.guest_alive
+    assert record.integrity.bad_pages == 0
+
+
+def test_killed_qemu_leaves_guest_on_source(experiment):
+    record = record_of(experiment, "kill-qemu")
+    assert record.fault.struck_at_s is not None
+    assert record.outcome == "failed"
+    assert record.fault.outcome == "source-running"
+    assert record.integrity.guest_alive
+    assert record.fault.destination_state == "absent"
+
+
+def test_killed_libvirtd_restarted(experiment, shared_lab):
+    record = record_of(experiment, "kill-libvirtd")
+    fault = record.fault
+    assert fault.struck_at_s is not None
+    assert fault.outcome == "source-running"
+    assert record.integrity.guest_alive
+    assert any("started again" in step for step in fault.steps)
+    # The destination's libvirtd is back and has no guest of the run left.
+    conn = libvirt.open(shared_lab.host("h2").libvirt_uri)
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
+
+
+def test_lab_left_working(experiment, shared_lab):
+    link = json.loads(shared_lab.exec("h2", ["ip", "-j", "link", "show", "eth0"], timeout=10).stdout)
+    assert link[0]["operstate"] != "DOWN"
+    assert "UP" in link[0]["flags"]
+    for host in ("h1", "h2"):
+        qdisc = shaping.root_qdisc(NamespaceShell(shared_lab, host), "br0")
+        assert qdisc is None or qdisc.handle != shaping.HANDLE
+
+
+def test_report_has_fault_table(experiment):
+    write_report(experiment.experiment_dir)
+    text = (experiment.experiment_dir / "report" / "summary.md").read_text()
+    assert "## Faults" in text
+    for run_id in RUNS.values():
+        assert run_id in text
+    assert "source-running" in text
