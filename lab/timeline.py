@@ -15,10 +15,11 @@ stream.parquet
 probe-events.parquet
     the probe agent's events: t_s, kind, message
 capture-frames.parquet
-    ARP and RARP frames of the guest at the switch: t_s, port, direction, kind, detail
+    ARP and RARP frames of the guest at the switch: t_s, port, way, direction,
+    kind, detail (see lab.probes.capture for way and direction)
 capture-segments.parquet
     other frames of the guest at the switch, grouped into segments: first_s,
-    last_s, port, direction, kind, frames, first_seq, last_seq
+    last_s, port, way, direction, kind, frames, first_seq, last_seq
 guest.parquet
     the workload's reports: t_s, interval_start_s, host, seq, guest_t_ms,
     dirtied_pages, rate_pps, throughput_pps
@@ -56,10 +57,11 @@ PART_COLUMNS = {
              "guest_ns": "Int64"},
     "stream": {"t_s": "float64", "kind": "string", "total_bytes": "int64"},
     "probe_events": {"t_s": "float64", "kind": "string", "message": "string"},
-    "capture_frames": {"t_s": "float64", "port": "string", "direction": "string", "kind": "string",
-                       "detail": "string"},
-    "capture_segments": {"first_s": "float64", "last_s": "float64", "port": "string", "direction": "string",
-                         "kind": "string", "frames": "int64", "first_seq": "int64", "last_seq": "int64"},
+    "capture_frames": {"t_s": "float64", "port": "string", "way": "string", "direction": "string",
+                       "kind": "string", "detail": "string"},
+    "capture_segments": {"first_s": "float64", "last_s": "float64", "port": "string", "way": "string",
+                         "direction": "string", "kind": "string", "frames": "int64", "first_seq": "int64",
+                         "last_seq": "int64"},
     "guest": {"t_s": "float64", "interval_start_s": "float64", "host": "string", "seq": "int64",
               "guest_t_ms": "int64", "dirtied_pages": "int64", "rate_pps": "int64", "throughput_pps": "float64"},
 }
@@ -147,11 +149,12 @@ class RunTimeline:
         frames = self.part("capture_frames")
         pieces.append(pd.DataFrame({"t_s": frames["t_s"], "series": "announce:" + frames["kind"],
                                     "host": frames["port"], "value": float("nan"),
-                                    "detail": frames["direction"] + " " + frames["detail"]}))
+                                    "detail": frames["way"] + " " + frames["direction"] + " " + frames["detail"]}))
         segments = self.part("capture_segments")
         pieces.append(pd.DataFrame({
             "t_s": segments["first_s"],
-            "series": "segment:" + segments["port"] + ":" + segments["direction"] + ":" + segments["kind"],
+            "series": ("segment:" + segments["port"] + ":" + segments["way"] + ":" + segments["direction"] + ":"
+                       + segments["kind"]),
             "host": segments["port"], "value": segments["last_s"] - segments["first_s"],
             "detail": "frames=" + segments["frames"].astype("string")}))
         guest = self.part("guest")
@@ -285,10 +288,11 @@ def _draw_probe(ax, timeline: RunTimeline) -> None:
         ax.axvspan(figures.outage_start_s, figures.outage_end_s, color=OUTAGE_COLOR, alpha=0.3, lw=0,
                    label=f"client outage {figures.client_downtime_ms:.0f} ms")
     frames = timeline.part("capture_frames")
-    announced = frames[frames["direction"] == "from-guest"]
+    # A frame from the guest enters the switch once, on the port of the host that runs the guest.
+    announced = frames[(frames["direction"] == "from-guest") & (frames["way"] == "in")]
     for number, row in enumerate(announced.itertuples(index=False)):
         ax.axvline(row.t_s, color=ANNOUNCE_COLOR, lw=0.8, ls="--",
-                   label="guest ARP/RARP at the switch" if number == 0 else None)
+                   label="guest ARP/RARP into the switch" if number == 0 else None)
     ax.legend(loc="upper left", fontsize="small", ncol=2)
 
 

@@ -298,27 +298,37 @@ def test_stream_off_gives_no_figures():
 def capture_text(frames, segments) -> str:
     lines = ["H " + json.dumps({"start_ns": T0, "ports": {"source": "veth-h1", "destination": "veth-h2"},
                                 "announce_ports": {"client": "veth-client"}})]
-    for t_ms, port, direction, kind in frames:
-        lines.append(f"F {T0 + round(t_ms * MS)} {port} {direction} {kind} reply sender=x target=y")
-    for port, direction, kind, first_ms, last_ms, count in segments:
-        lines.append(f"G {port} {direction} {kind} {T0 + round(first_ms * MS)} {T0 + round(last_ms * MS)} "
+    for t_ms, port, way, direction, kind, detail in frames:
+        lines.append(f"F {T0 + round(t_ms * MS)} {port} {way} {direction} {kind} {detail}")
+    for port, way, direction, kind, first_ms, last_ms, count in segments:
+        lines.append(f"G {port} {way} {direction} {kind} {T0 + round(first_ms * MS)} {T0 + round(last_ms * MS)} "
                      f"{count} -1 -1")
     return "\n".join(lines) + "\n"
+
+
+RARP = "rarp-request sender=52:54:00:6d:00:64/0.0.0.0 target=52:54:00:6d:00:64/0.0.0.0"
+GRATUITOUS_ARP = "request sender=52:54:00:6d:00:64/10.77.0.100 target=00:00:00:00:00:00/10.77.0.100"
+ARP_FOR_CLIENT = "request sender=52:54:00:6d:00:64/10.77.0.100 target=00:00:00:00:00:00/10.77.0.2"
 
 
 def test_switchover_phases_in_order():
     echo = echo_series(parse_agent_output(agent_text(steady(0.0, 200, lost=set(range(100, 160))))), T0)
     capture = parse_capture_output(capture_text(
-        frames=[(50.0, "source", "from-guest", "arp"), (125.0, "destination", "from-guest", "rarp"),
-                (125.01, "client", "from-guest", "rarp"), (175.0, "destination", "from-guest", "rarp")],
-        segments=[("source", "to-guest", "echo", 0.0, 126.0, 126),
-                  ("destination", "to-guest", "echo", 126.5, 199.0, 73),
-                  ("destination", "from-guest", "echo", 160.4, 199.4, 40)]))
+        frames=[(50.0, "source", "in", "from-guest", "arp", ARP_FOR_CLIENT),
+                (125.0, "destination", "in", "from-guest", "rarp", RARP),
+                (125.005, "source", "out", "from-guest", "rarp", RARP),
+                (125.01, "client", "out", "from-guest", "rarp", RARP),
+                (175.0, "destination", "in", "from-guest", "rarp", RARP),
+                (175.005, "source", "out", "from-guest", "rarp", RARP)],
+        segments=[("source", "out", "to-guest", "echo", 0.0, 126.0, 126),
+                  ("destination", "out", "to-guest", "echo", 126.5, 199.0, 73),
+                  ("destination", "in", "from-guest", "echo", 160.4, 199.4, 40)]))
     phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.120, echo=echo, capture=capture, t0_ns=T0)
     assert phases.last_reply_before_s == pytest.approx(0.0995)
     assert phases.first_announce_at_s == pytest.approx(0.125)
     assert phases.announce_kind == "rarp"
     assert phases.announcements == 2
+    assert phases.first_guest_arp_at_s is None
     assert phases.announce_at_client_s == pytest.approx(0.12501)
     assert phases.switch_learned_at_s == pytest.approx(0.125)
     assert phases.first_forwarded_at_s == pytest.approx(0.1265)
@@ -328,12 +338,26 @@ def test_switchover_phases_in_order():
 
 def test_switchover_learned_from_other_frame_before_announcement():
     capture = parse_capture_output(capture_text(
-        frames=[(130.0, "destination", "from-guest", "arp")],
-        segments=[("destination", "from-guest", "ip", 121.0, 122.0, 2)]))
+        frames=[(130.0, "destination", "in", "from-guest", "arp", GRATUITOUS_ARP)],
+        segments=[("destination", "in", "from-guest", "ip", 121.0, 122.0, 2)]))
     phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.120, echo=None, capture=capture, t0_ns=T0)
     assert phases.switch_learned_at_s == pytest.approx(0.121)
     assert phases.first_announce_at_s == pytest.approx(0.130)
+    assert phases.first_guest_arp_at_s == pytest.approx(0.130)
     assert phases.last_reply_before_s is None
+
+
+def test_switchover_ignores_flooded_frames():
+    # The guest still runs on the source: its broadcast leaves the switch on the destination's port.
+    capture = parse_capture_output(capture_text(
+        frames=[(130.0, "source", "in", "from-guest", "arp", GRATUITOUS_ARP),
+                (130.01, "destination", "out", "from-guest", "arp", GRATUITOUS_ARP)],
+        segments=[("destination", "out", "from-guest", "ip", 131.0, 132.0, 2)]))
+    phases = switchover_phases(paused_at_s=0.100, resumed_at_s=None, echo=None, capture=capture, t0_ns=T0)
+    assert phases.first_announce_at_s is None
+    assert phases.announcements == 0
+    assert phases.switch_learned_at_s is None
+    assert phases.first_forwarded_at_s is None
 
 
 def test_switchover_phases_need_a_pause():

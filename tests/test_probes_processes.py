@@ -142,7 +142,11 @@ def test_responder_rejects_bad_option(responder_binary):
 def test_agent_measures_clean_loopback(responder, tmp_path):
     agent = run_agent(tmp_path, responder.udp_port, responder.tcp_port, 1.0)
     echo = agent.echo
-    assert 350 <= len(echo) <= 550
+    assert len(echo) >= 100
+    # 500 requests per second over the time the agent sent, counting the slots it skipped when late.
+    span_s = (echo["sent_ns"].max() - echo["sent_ns"].min()) / 1e9
+    expected = 500 * span_s + 1
+    assert abs(len(echo) + agent.summary["echo_skipped"] - expected) <= 0.05 * expected + 2
     assert echo["received_ns"].notna().all()
     # The kernel receive time, moved onto CLOCK_MONOTONIC, follows the responder's receive time.
     assert (echo["sent_ns"] <= echo["guest_ns"]).all()
@@ -165,12 +169,12 @@ def test_agent_sees_a_paused_responder(responder, tmp_path):
     echo = analysis.echo_figures(agent, t0, transfer_end_s=None)
     # Requests queue in the socket while the responder is stopped, so none is lost,
     # but no reply arrives for the length of the pause.
-    assert 290 <= echo.client_downtime_ms <= 450
+    assert 290 <= echo.client_downtime_ms <= 800
     assert echo.lost_requests == 0
     stream = analysis.stream_figures(agent, t0)
     assert stream.survived
     assert stream.intact
-    assert 250 <= stream.max_stall_ms <= 700
+    assert 250 <= stream.max_stall_ms <= 1000
 
 
 def test_agent_reports_refused_stream(tmp_path):
@@ -299,11 +303,11 @@ def test_segmenter_splits_at_gaps():
     echo = capture.Frame("to-guest", "echo", 0, "")
     closed = []
     for t_ns, seq in ((0, 1), (10, 2), (25, 3), (60, 4)):
-        row = segmenter.add("source", capture.Frame(echo.direction, echo.kind, seq, ""), t_ns)
+        row = segmenter.add("source", "out", capture.Frame(echo.direction, echo.kind, seq, ""), t_ns)
         if row is not None:
             closed.append(row)
-    assert closed == [("source", "to-guest", "echo", 0, 25, 3, 1, 3)]
-    assert segmenter.close_all() == [("source", "to-guest", "echo", 60, 60, 1, 4, 4)]
+    assert closed == [("source", "out", "to-guest", "echo", 0, 25, 3, 1, 3)]
+    assert segmenter.close_all() == [("source", "out", "to-guest", "echo", 60, 60, 1, 4, 4)]
 
 
 def test_capture_process_on_loopback(responder, tmp_path):
@@ -318,6 +322,8 @@ def test_capture_process_on_loopback(responder, tmp_path):
     assert parsed.summary["frames"] > 200
     echo = parsed.segments[parsed.segments["kind"] == "echo"]
     assert echo["frames"].sum() > 200
+    # On loopback every frame leaves through lo and comes back in.
+    assert set(echo["way"]) == {"in", "out"}
     assert echo["first_seq"].min() == 0
     assert parsed.ports == {"loop": "lo"}
 

@@ -46,10 +46,11 @@ def parts() -> dict[str, pd.DataFrame]:
         "stream": pd.DataFrame({"t_s": [0.0, 0.002, 0.5, 0.71], "kind": ["sent", "echoed", "sent", "echoed"],
                                 "total_bytes": [64, 64, 128, 128]}),
         "probe_events": pd.DataFrame({"t_s": [-1.0], "kind": ["stream-connected"], "message": ["10.77.0.100:7008"]}),
-        "capture_frames": pd.DataFrame({"t_s": [1.025], "port": ["destination"], "direction": ["from-guest"],
-                                        "kind": ["rarp"], "detail": ["rarp-request"]}),
+        "capture_frames": pd.DataFrame({"t_s": [1.025], "port": ["destination"], "way": ["in"],
+                                        "direction": ["from-guest"], "kind": ["rarp"], "detail": ["rarp-request"]}),
         "capture_segments": pd.DataFrame({"first_s": [-1.0, 1.026], "last_s": [1.02, 1.999],
-                                          "port": ["source", "destination"], "direction": ["to-guest"] * 2,
+                                          "port": ["source", "destination"], "way": ["out", "out"],
+                                          "direction": ["to-guest"] * 2,
                                           "kind": ["echo"] * 2, "frames": [2020, 974], "first_seq": [0, 2026],
                                           "last_seq": [2019, 2026]}),
         "guest": pd.DataFrame({"t_s": [-1.0, 0.0, 1.2], "interval_start_s": [np.nan, -1.0, 0.0],
@@ -110,7 +111,7 @@ def test_merged_puts_every_series_on_one_clock(experiment):
     assert merged["t_s"].is_monotonic_increasing
     series = set(merged["series"])
     assert {"data_remaining_bytes", "iteration", "event:resumed", "echo_rtt_ms", "echo_lost",
-            "stream_sent_bytes", "stream_echoed_bytes", "announce:rarp", "segment:source:to-guest:echo",
+            "stream_sent_bytes", "stream_echoed_bytes", "announce:rarp", "segment:source:out:to-guest:echo",
             "guest_throughput_pps"} <= series
     lost = merged[merged["series"] == "echo_lost"]
     assert len(lost) == 60
@@ -154,8 +155,10 @@ def test_runs_table_has_client_columns(experiment):
     assert runs.loc["precopy-rate4-r1", "lost_requests"] == 60
     assert runs.loc["postcopy-rate4-r1", "stream_survived"] == 0
     assert runs.loc["precopy-rate4-r2", "stream_max_stall_ms"] == 210.0
-    assert runs.loc["precopy-rate4-r1", "announce_delay_ms"] == pytest.approx(5.0)
-    assert runs.loc["precopy-rate4-r1", "reply_delay_ms"] == pytest.approx(53.0)
+    assert runs.loc["precopy-rate4-r1", "silence_before_pause_ms"] == pytest.approx(1.0)
+    assert runs.loc["precopy-rate4-r1", "announce_after_pause_ms"] == pytest.approx(25.0)
+    assert runs.loc["precopy-rate4-r1", "forward_after_announce_ms"] == pytest.approx(1.0)
+    assert runs.loc["precopy-rate4-r1", "reply_after_forward_ms"] == pytest.approx(53.0)
     assert runs.loc["precopy-rate4-r1", "guest_slowdown_pct"] == pytest.approx(12.1)
 
 

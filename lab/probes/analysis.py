@@ -255,6 +255,55 @@ def _first(values: pd.Series) -> float | None:
     return float(values.min()) if len(values) else None
 
 
+def _capture_phases(capture: CaptureOutput, paused_at_s: float, t0_ns: int) -> dict[str, object]:
+    """Time the announcements and the switch's forwarding after the pause.
+
+    A frame from the guest that enters the switch on the destination's port
+    was sent from the destination, and the switch learns the guest's new
+    port from it. Frames to the guest that leave the switch show where the
+    switch forwards them.
+    """
+    announcements, segments = capture_series(capture, t0_ns)
+    announced = announcements[(announcements["t_s"] >= paused_at_s)
+                              & (announcements["direction"] == "from-guest")]
+    entered = announced[(announced["port"] == DESTINATION_PORT) & (announced["way"] == "in")].sort_values("t_s")
+    phases: dict[str, object] = {"announcements": len(entered)}
+    if len(entered):
+        phases["first_announce_at_s"] = float(entered["t_s"].iloc[0])
+        phases["announce_kind"] = str(entered["kind"].iloc[0])
+    # A gratuitous ARP names the guest's own address as target. The guest's
+    # virtio-net driver sends these when QEMU requests an announcement.
+    gratuitous = entered[(entered["kind"] == "arp") & entered["detail"].map(_is_gratuitous).astype(bool)]
+    phases["first_guest_arp_at_s"] = _first(gratuitous["t_s"])
+    at_client = announced[(announced["port"] == CLIENT_PORT) & (announced["way"] == "out")]
+    phases["announce_at_client_s"] = _first(at_client["t_s"])
+
+    later = segments[segments["first_s"] >= paused_at_s]
+    from_guest = later[(later["port"] == DESTINATION_PORT) & (later["way"] == "in")
+                       & (later["direction"] == "from-guest")]
+    learned = [value for value in (phases.get("first_announce_at_s"), _first(from_guest["first_s"]))
+               if value is not None]
+    phases["switch_learned_at_s"] = min(learned) if learned else None
+    forwarded = later[(later["port"] == DESTINATION_PORT) & (later["way"] == "out")
+                      & (later["direction"] == "to-guest")]
+    phases["first_forwarded_at_s"] = _first(forwarded["first_s"])
+    to_source = segments[(segments["port"] == SOURCE_PORT) & (segments["way"] == "out")
+                         & (segments["direction"] == "to-guest")]
+    phases["last_to_source_at_s"] = float(to_source["last_s"].max()) if len(to_source) else None
+    return phases
+
+
+def _is_gratuitous(detail: str) -> bool:
+    """Tell whether an ARP detail ("request sender=MAC/IP target=MAC/IP") is a request for the sender's own IP."""
+    words = detail.split()
+    if not words or words[0] != "request":
+        return False
+    fields = dict(word.split("=", 1) for word in words[1:] if "=" in word)
+    sender_ip = fields.get("sender", "").rpartition("/")[2]
+    target_ip = fields.get("target", "").rpartition("/")[2]
+    return bool(sender_ip) and sender_ip == target_ip
+
+
 def switchover_phases(*, paused_at_s: float | None, resumed_at_s: float | None,
                       echo: pd.DataFrame | None, capture: CaptureOutput | None,
                       t0_ns: int) -> SwitchoverPhases | None:
@@ -274,24 +323,6 @@ def switchover_phases(*, paused_at_s: float | None, resumed_at_s: float | None,
         after_from = resumed_at_s if resumed_at_s is not None else paused_at_s
         phases["first_reply_after_s"] = _first(received[received >= after_from])
     if capture is not None:
-        announcements, segments = capture_series(capture, t0_ns)
-        announced = announcements[(announcements["t_s"] >= paused_at_s)
-                                  & (announcements["direction"] == "from-guest")]
-        at_destination = announced[announced["port"] == DESTINATION_PORT].sort_values("t_s")
-        if len(at_destination):
-            phases["first_announce_at_s"] = float(at_destination["t_s"].iloc[0])
-            phases["announce_kind"] = str(at_destination["kind"].iloc[0])
-        phases["announcements"] = len(at_destination)
-        phases["announce_at_client_s"] = _first(announced.loc[announced["port"] == CLIENT_PORT, "t_s"])
-
-        later = segments[segments["first_s"] >= paused_at_s]
-        from_guest = later[(later["port"] == DESTINATION_PORT) & (later["direction"] == "from-guest")]
-        learned = [value for value in (phases.get("first_announce_at_s"), _first(from_guest["first_s"]))
-                   if value is not None]
-        phases["switch_learned_at_s"] = min(learned) if learned else None
-        forwarded = later[(later["port"] == DESTINATION_PORT) & (later["direction"] == "to-guest")]
-        phases["first_forwarded_at_s"] = _first(forwarded["first_s"])
-        to_source = segments[(segments["port"] == SOURCE_PORT) & (segments["direction"] == "to-guest")]
-        phases["last_to_source_at_s"] = float(to_source["last_s"].max()) if len(to_source) else None
+        phases.update(_capture_phases(capture, paused_at_s, t0_ns))
     return SwitchoverPhases(**{key: value for key, value in phases.items()
                                if not (isinstance(value, float) and math.isnan(value))})

@@ -16,16 +16,21 @@ Output lines (times are CLOCK_MONOTONIC ns, converted from the kernel's
 receive timestamp of each frame):
 
     H <json>                          settings and start time
-    F <t_ns> <port> <direction> <kind> <detail>
-                                      one ARP or RARP frame; direction is
-                                      from-guest or to-guest; detail is the
+    F <t_ns> <port> <way> <direction> <kind> <detail>
+                                      one ARP or RARP frame; detail is the
                                       ARP operation and addresses
-    G <port> <direction> <kind> <first_ns> <last_ns> <frames> <first_seq> <last_seq>
+    G <port> <way> <direction> <kind> <first_ns> <last_ns> <frames> <first_seq> <last_seq>
                                       a segment of other frames of one kind
                                       (echo, stream, ip, other), closed after
                                       a gap longer than --segment-gap-ms;
                                       seq is the echo sequence number or -1
     Z <json>                          summary at exit
+
+``way`` is "in" for a frame that entered the switch through the port and
+"out" for one the switch sent out of it. So a broadcast from the guest
+shows as "in" on the port of the host that runs the guest and as "out" on
+every other port. ``direction`` is from-guest when the guest's MAC address
+is the source, else to-guest.
 
 It stops when a line ``stop`` arrives on standard input, when standard input
 closes, on SIGTERM or SIGINT, or after ``--max-duration-s``. The file is
@@ -201,19 +206,19 @@ class _Segment:
 
 
 class Segmenter:
-    """Group frames of one (port, direction, kind) into segments separated by gaps.
+    """Group frames of one (port, way, direction, kind) into segments separated by gaps.
 
     add() returns the segment that a gap closed, if any, and close_all()
-    returns those still open. Each is a tuple (port, direction, kind,
+    returns those still open. Each is a tuple (port, way, direction, kind,
     first_ns, last_ns, frames, first_seq, last_seq).
     """
 
     def __init__(self, gap_ns: int):
         self.gap_ns = gap_ns
-        self._open: dict[tuple[str, str, str], _Segment] = {}
+        self._open: dict[tuple[str, str, str, str], _Segment] = {}
 
-    def add(self, port: str, frame: Frame, t_ns: int) -> tuple | None:
-        key = (port, frame.direction, frame.kind)
+    def add(self, port: str, way: str, frame: Frame, t_ns: int) -> tuple | None:
+        key = (port, way, frame.direction, frame.kind)
         segment = self._open.get(key)
         closed = None
         if segment is not None and t_ns - segment.last_ns > self.gap_ns:
@@ -233,10 +238,10 @@ class Segmenter:
     def close_all(self) -> list[tuple]:
         rows = [self._row(key, segment) for key, segment in self._open.items()]
         self._open.clear()
-        return sorted(rows, key=lambda row: row[3])
+        return sorted(rows, key=lambda row: row[4])
 
     @staticmethod
-    def _row(key: tuple[str, str, str], segment: _Segment) -> tuple:
+    def _row(key: tuple[str, str, str, str], segment: _Segment) -> tuple:
         return (*key, segment.first_ns, segment.last_ns, segment.frames, segment.first_seq, segment.last_seq)
 
 
@@ -285,16 +290,18 @@ class Capture:
     def _receive(self, sock: socket.socket, port: str) -> None:
         while True:
             try:
-                data, ancillary, _flags, _address = sock.recvmsg(SNAP_BYTES, protocol.ancillary_space())
+                data, ancillary, _flags, address = sock.recvmsg(SNAP_BYTES, protocol.ancillary_space())
             except BlockingIOError:
                 return
             t_ns = protocol.receive_time_ns(ancillary)
             self.frames += 1
+            # The address of a packet socket is (interface, protocol, packet type, ARP type, MAC address).
+            way = "out" if address[2] == socket.PACKET_OUTGOING else "in"
             frame = classify(data, self.mac, self.settings.echo_port, self.settings.stream_port)
             if frame.kind in ("arp", "rarp"):
-                self.output.write(f"F {t_ns} {port} {frame.direction} {frame.kind} {frame.detail}\n")
+                self.output.write(f"F {t_ns} {port} {way} {frame.direction} {frame.kind} {frame.detail}\n")
                 continue
-            closed = self.segmenter.add(port, frame, t_ns)
+            closed = self.segmenter.add(port, way, frame, t_ns)
             if closed is not None:
                 self._write_segment(closed)
 

@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 ECHO_COLUMNS = {"seq": "int64", "sent_ns": "Int64", "received_ns": "Int64", "guest_ns": "Int64"}
 STREAM_COLUMNS = {"t_ns": "int64", "kind": "string", "total_bytes": "int64"}
 EVENT_COLUMNS = {"t_ns": "int64", "kind": "string", "message": "string"}
-ANNOUNCEMENT_COLUMNS = {"t_ns": "int64", "port": "string", "direction": "string", "kind": "string",
-                        "detail": "string"}
-SEGMENT_COLUMNS = {"port": "string", "direction": "string", "kind": "string", "first_ns": "int64",
-                   "last_ns": "int64", "frames": "int64", "first_seq": "int64", "last_seq": "int64"}
+ANNOUNCEMENT_COLUMNS = {"t_ns": "int64", "port": "string", "way": "string", "direction": "string",
+                        "kind": "string", "detail": "string"}
+SEGMENT_COLUMNS = {"port": "string", "way": "string", "direction": "string", "kind": "string",
+                   "first_ns": "int64", "last_ns": "int64", "frames": "int64", "first_seq": "int64",
+                   "last_seq": "int64"}
 
 
 def _frame(rows: list[tuple], columns: dict[str, str]) -> pd.DataFrame:
@@ -128,14 +129,14 @@ def parse_capture_output(text: str) -> CaptureOutput:
             if kind == "H":
                 settings = json.loads(line[2:])
             elif kind == "F":
-                parts = line.split(" ", 5)
-                announcements.append((int(parts[1]), parts[2], parts[3], parts[4],
-                                      parts[5] if len(parts) > 5 else ""))
+                parts = line.split(" ", 6)
+                announcements.append((int(parts[1]), parts[2], parts[3], parts[4], parts[5],
+                                      parts[6] if len(parts) > 6 else ""))
             elif kind == "G":
                 parts = line.split(" ")
-                if len(parts) != 9:
+                if len(parts) != 10:
                     raise ValueError(line)
-                segments.append((parts[1], parts[2], parts[3], *(int(value) for value in parts[4:])))
+                segments.append((*parts[1:5], *(int(value) for value in parts[5:])))
             elif kind == "Z":
                 summary = json.loads(line[2:])
             else:
