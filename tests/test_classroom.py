@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lab.classroom import (CLASSROOM_DIR, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, MIB, answer_key, list_exercises,
+from lab.classroom import (CLASSROOM_DIR, EXTRA_ITERATIONS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, MIB, answer_key,
+                           list_exercises,
                            load_exercise, precopy_model, relative_difference, scenario_means,
                            scenario_prediction, stop_and_copy_model)
 from lab.cli import main
@@ -178,10 +179,15 @@ def _records(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted((folder / "runs").glob("*/record.json"))]
 
 
-def _expected_mean(records: list[dict], scenario_id: str, key: str) -> float:
-    values = [record["stats"][key] for record in records
+def _expected_mean(records: list[dict], scenario_id: str, key: str, section: str = "stats") -> float:
+    values = [record[section][key] for record in records
               if record["scenario_id"] == scenario_id and record["outcome"] == "completed"]
     return sum(values) / len(values)
+
+
+def _fixture_memory_bytes() -> float:
+    # The exercise's working set is 64 MiB.
+    return (64 + GUEST_RESIDENT_MIB) * MIB
 
 
 def test_scenario_means_match_records(results):
@@ -211,19 +217,33 @@ def _table_row(key: str, question: int, scenario_id: str) -> list[str]:
 def test_key_numbers_match_fixture(results):
     records = _records(results)
     key = answer_key("01-eager-precopy", results)
+    paused = _expected_mean(records, "precopy-rate4", "wall_downtime_ms", section="measured")
     downtime = _expected_mean(records, "precopy-rate4", "downtime_ms")
-    model = precopy_model(80 * MIB, 32 * MIB, 4 * MIB, 300)
+    model = precopy_model(_fixture_memory_bytes(), 32 * MIB, 4 * MIB, 300)
     row = _table_row(key, 1, "precopy-rate4")
-    assert float(row[2]) == pytest.approx(downtime)
+    assert row[1] == "2"
+    assert float(row[2]) == pytest.approx(paused)
     assert float(row[3]) == pytest.approx(model.downtime_ms, abs=0.05)
-    assert row[4] == f"{abs(downtime - model.downtime_ms) / model.downtime_ms:.0%}"
+    assert row[4] == f"{abs(paused - model.downtime_ms) / model.downtime_ms:.0%}"
+    assert float(row[5]) == pytest.approx(downtime)
+
+
+def test_key_compares_rounds_with_iterations(results):
+    records = _records(results)
+    key = answer_key("01-eager-precopy", results)
+    iterations = _expected_mean(records, "precopy-rate16", "iterations")
+    model = precopy_model(_fixture_memory_bytes(), 32 * MIB, 16 * MIB, 300)
+    row = _table_row(key, 3, "precopy-rate16")
+    assert row[1] == "3"
+    assert float(row[2]) == pytest.approx(iterations, abs=0.005)
+    assert float(row[3]) == model.rounds + EXTRA_ITERATIONS
 
 
 def test_key_flags_large_differences(results):
     records = _records(results)
     key = answer_key("01-eager-precopy", results)
     total = _expected_mean(records, "precopy-rate16", "total_time_ms")
-    model = precopy_model(80 * MIB, 32 * MIB, 16 * MIB, 300)
+    model = precopy_model(_fixture_memory_bytes(), 32 * MIB, 16 * MIB, 300)
     assert abs(total - model.total_time_ms) / model.total_time_ms > FLAG_THRESHOLD
     row = _table_row(key, 2, "precopy-rate16")
     assert row[4].endswith("¡revisar!")
