@@ -41,7 +41,8 @@ QEMU_DEFAULT_DOWNTIME_MS = 300
 # is this plus the working set rather than the whole guest RAM. Measured with
 # QEMU 10.0.2 under TCG: stop-and-copy of a 192 MiB guest with a 64 MiB working
 # set sent about 33,300 normal pages (130 MiB) and skipped about 16,100 zero pages.
-# NOTE: measured for 192 MiB guests only; other guest sizes may keep more or less.
+# With a 32 MiB working set the same guest sent 106 MiB, so 74 MiB besides it.
+# NOTE: measured for 192 MiB guests only; other guests keep more or less.
 GUEST_RESIDENT_MIB = 66
 # Passes that libvirt's iteration count (memory_iteration) adds to the model's
 # rounds: every stop-and-copy run of the measurement above reported 3 iterations
@@ -54,6 +55,8 @@ FLAG_THRESHOLD = 0.5
 MODEL_STRATEGIES = ("precopy", "stop-and-copy")
 
 # Measured columns a question may ask for, with their labels per language.
+# DERIVED_METRICS are computed from other columns (scenario_means); the rest
+# are columns of lab.store.load_runs.
 METRICS: dict[str, dict[str, str]] = {
     "completed_pct": {"es": "migraciones completadas (%)", "en": "completed migrations (%)"},
     "downtime_ms": {"es": "tiempo de inactividad (ms)", "en": "downtime (ms)"},
@@ -67,14 +70,17 @@ METRICS: dict[str, dict[str, str]] = {
     "guest_slowdown_pct": {"es": "ralentización del guest (%)", "en": "guest slowdown (%)"},
     "stream_survived_pct": {"es": "conexiones TCP que sobreviven (%)", "en": "TCP connections that survive (%)"},
     "stream_max_stall_ms": {"es": "pausa máxima de la conexión TCP (ms)", "en": "longest TCP stall (ms)"},
-    "announce_delay_ms": {"es": "del reanudado al primer anuncio ARP/RARP (ms)",
-                          "en": "from resume to the first ARP/RARP announcement (ms)"},
+    "announce_after_pause_ms": {"es": "de la pausa al primer anuncio ARP/RARP (ms)",
+                                "en": "from pause to the first ARP/RARP announcement (ms)"},
+    "forward_after_announce_ms": {"es": "del anuncio al primer paquete reenviado al destino (ms)",
+                                  "en": "from announcement to the first frame forwarded to the destination (ms)"},
     "lost_requests": {"es": "peticiones de eco perdidas", "en": "lost echo requests"},
     "auto_converge_throttle_max_pct": {"es": "freno máximo de auto-converge (%)",
                                        "en": "highest auto-converge throttle (%)"},
     "save_ms": {"es": "tiempo de guardado (ms)", "en": "save time (ms)"},
     "restore_ms": {"es": "tiempo de restauración (ms)", "en": "restore time (ms)"},
 }
+DERIVED_METRICS = ("completed_pct", "transferred_mib", "stream_survived_pct")
 # Measured metrics the model predicts. The guest's paused time (wall_downtime_ms,
 # from libvirt's lifecycle events) is the downtime to compare for stop-and-copy,
 # because that strategy pauses the guest before the migration starts and QEMU's

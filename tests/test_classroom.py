@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lab.classroom import (CLASSROOM_DIR, EXTRA_ITERATIONS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, MIB, answer_key,
+from lab.classroom import (CLASSROOM_DIR, DERIVED_METRICS, EXTRA_ITERATIONS, METRICS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, MIB, answer_key,
                            list_exercises,
                            load_exercise, precopy_model, relative_difference, scenario_means,
                            scenario_prediction, stop_and_copy_model)
 from lab.cli import main
 from lab.errors import ConfigError
 from lab.playbook import load_playbook
-from lab.store import load_runs
+from lab.store import RUN_COLUMNS, load_runs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "classroom" / "class-eager-precopy"
 EXERCISES = list_exercises()
@@ -165,6 +165,11 @@ def test_scenario_prediction_inputs():
     assert scenario_prediction({**scenario, "strategy": "postcopy"}) is None
     assert scenario_prediction({**scenario, "dirty_rate_mib_s": 0}) is None
     assert scenario_prediction({**scenario, "bandwidth_mib_s": None, "link_rate_mib_s": None}) is None
+
+
+def test_metrics_are_run_columns():
+    missing = [name for name in METRICS if name not in RUN_COLUMNS and name not in DERIVED_METRICS]
+    assert missing == []
 
 
 def test_relative_difference():
