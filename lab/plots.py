@@ -318,7 +318,8 @@ def plot_strategy_ranking(table: pd.DataFrame, metrics: dict[str, tuple[str, boo
 DOWNTIME_VIEWS = {
     "downtime_ms": ("QEMU downtime (source)", "#7f7f7f"),
     "wall_downtime_ms": ("paused, libvirt events", "#d62728"),
-    "client_downtime_ms": ("client outage, echo probe", "#ff7f0e"),
+    "switchover_outage_ms": ("client outage at the switch-over", "#ffbb78"),
+    "client_downtime_ms": ("client outage, longest in the run", "#ff7f0e"),
 }
 
 

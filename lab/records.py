@@ -350,6 +350,7 @@ class Observed(BaseModel):
             # The steps of the client's outage, in order. libvirt's "resumed" event is left out:
             # it reached the harness 1 to 17 ms after the first announcement in the runs measured
             # with QEMU 10.0 and libvirt 11.3.
+            row["switchover_outage_ms"] = _difference_ms(network.first_reply_after_s, network.last_reply_before_s)
             row["silence_before_pause_ms"] = _difference_ms(network.paused_at_s, network.last_reply_before_s)
             row["announce_after_pause_ms"] = _difference_ms(network.first_announce_at_s, network.paused_at_s)
             row["forward_after_announce_ms"] = _difference_ms(network.first_forwarded_at_s,
@@ -370,7 +371,7 @@ def _difference_ms(later_s: float | None, earlier_s: float | None) -> float | No
 
 # Flat columns of Observed.columns(), for tables with one row per run.
 OBSERVED_COLUMNS = [
-    "client_downtime_ms", "probe_interval_ms", "requests_sent", "lost_requests",
+    "client_downtime_ms", "switchover_outage_ms", "probe_interval_ms", "requests_sent", "lost_requests",
     "rtt_before_p50_ms", "rtt_before_p99_ms", "lost_before",
     "rtt_during_p50_ms", "rtt_during_p99_ms", "lost_during",
     "rtt_after_p50_ms", "rtt_after_p99_ms", "lost_after",

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 METRICS = {
     "downtime_ms": "QEMU downtime (ms)",
     "client_downtime_ms": "client downtime, longest time without echo replies (ms)",
+    "switchover_outage_ms": "client outage at the switch-over (ms)",
     "wall_downtime_ms": "paused, source stop to destination run (ms)",
     "total_time_ms": "QEMU total time (ms)",
     "transfer_time_ms": "migration time, to the end of postcopy (ms)",

@@ -411,7 +411,11 @@ def _title(timeline: RunTimeline) -> str:
         parts.append(f"paused {record.measured.wall_downtime_ms:.0f} ms")
     echo = record.observed.echo
     if echo is not None and echo.client_downtime_ms is not None:
-        parts.append(f"client outage {echo.client_downtime_ms:.0f} ms")
+        parts.append(f"longest client outage {echo.client_downtime_ms:.0f} ms")
+    network = record.observed.network
+    if network is not None and network.first_reply_after_s is not None and network.last_reply_before_s is not None:
+        outage_ms = (network.first_reply_after_s - network.last_reply_before_s) * 1000.0
+        parts.append(f"at the switch-over {outage_ms:.0f} ms")
     return ", ".join(parts)
 
 

@@ -72,14 +72,20 @@ def test_client_downtime_within_run(experiment, strategy):
     assert echo.client_downtime_ms < record.measured.wall_total_ms
     assert not echo.outage_open_start
     assert not echo.outage_open_end
-    # The outage brackets the switch-over.
-    assert echo.outage_start_s <= record.measured.switchover_at_s <= echo.outage_end_s
+    # The longest outage may come at the start of the migration instead, when QEMU
+    # sets up dirty tracking, but it is never shorter than the switch-over's.
+    network = record.observed.network
+    switchover_outage_ms = (network.first_reply_after_s - network.last_reply_before_s) * 1000.0
+    assert network.last_reply_before_s <= record.measured.switchover_at_s <= network.first_reply_after_s
+    assert echo.client_downtime_ms >= switchover_outage_ms - 1e-6
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_client_sees_more_than_qemu_reports(experiment, strategy):
     record = load_record(run_dir(experiment, strategy))
-    assert record.observed.echo.client_downtime_ms > record.stats.downtime_ms
+    network = record.observed.network
+    switchover_outage_ms = (network.first_reply_after_s - network.last_reply_before_s) * 1000.0
+    assert switchover_outage_ms > record.stats.downtime_ms
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -153,5 +159,6 @@ def test_report_shows_both_downtimes(experiment):
     names = {path.name for path in write_report(experiment.experiment_dir)}
     assert "downtime_qemu_vs_client.png" in names
     runs = load_runs(experiment.experiment_dir)
-    assert (runs["client_downtime_ms"] > runs["downtime_ms"]).all()
+    assert (runs["switchover_outage_ms"] > runs["downtime_ms"]).all()
+    assert (runs["client_downtime_ms"] >= runs["switchover_outage_ms"]).all()
     assert (runs["stream_survived"] == 1).all()

@@ -155,6 +155,7 @@ def test_runs_table_has_client_columns(experiment):
     assert runs.loc["precopy-rate4-r1", "lost_requests"] == 60
     assert runs.loc["postcopy-rate4-r1", "stream_survived"] == 0
     assert runs.loc["precopy-rate4-r2", "stream_max_stall_ms"] == 210.0
+    assert runs.loc["precopy-rate4-r1", "switchover_outage_ms"] == pytest.approx(80.0)
     assert runs.loc["precopy-rate4-r1", "silence_before_pause_ms"] == pytest.approx(1.0)
     assert runs.loc["precopy-rate4-r1", "announce_after_pause_ms"] == pytest.approx(25.0)
     assert runs.loc["precopy-rate4-r1", "forward_after_announce_ms"] == pytest.approx(1.0)
