@@ -173,6 +173,18 @@ class Inventory(BaseModel):
         """The libvirt hosts in file order; the first is the source of every run, the second the destination."""
         return [host for host in self.hosts if host.is_libvirt_host]
 
+    def migration_hosts(self) -> tuple[InventoryHost, InventoryHost]:
+        """Return the source and destination of every run: the first two libvirt hosts.
+
+        Raises ConfigError when the inventory has fewer than two libvirt hosts.
+        """
+        hosts = self.libvirt_hosts
+        if len(hosts) < 2:
+            raise ConfigError(f"a migration needs two libvirt hosts, found {len(hosts)}",
+                              path=str(self._path) if self._path else None, field="hosts",
+                              value=[host.name for host in hosts], fix="List two hosts with role: libvirt")
+        return hosts[0], hosts[1]
+
     def host(self, name: str) -> InventoryHost:
         for host in self.hosts:
             if host.name == name:
@@ -345,10 +357,9 @@ def inventory_problems(inventory: Inventory, base_dir: Path | None) -> list[_Pro
         problems += _host_problems(inventory, index, host, base_dir)
     problems += _duplicate_problems(inventory)
 
-    libvirt_hosts = [host.name for host in inventory.hosts if host.is_libvirt_host]
-    if len(libvirt_hosts) < 2:
-        problems.append(_Problem(("hosts",), f"a migration needs two libvirt hosts, found {len(libvirt_hosts)}",
-                                 libvirt_hosts or None, "List at least two hosts with role: libvirt"))
+    if not any(host.is_libvirt_host for host in inventory.hosts):
+        problems.append(_Problem(("hosts",), "no host has role: libvirt", None,
+                                 "List at least one host with role: libvirt, and two to run migrations"))
     image_dir = PurePosixPath(inventory.image_dir)
     if not image_dir.is_absolute() or ".." in image_dir.parts:
         problems.append(_Problem(("image_dir",), "must be an absolute path without '..'", inventory.image_dir,

@@ -214,13 +214,29 @@ def test_duplicate_lab_addresses(folder):
     assert error_for(error, "hosts[1].lab_address").args[0] == "duplicate of hosts[0].lab_address"
 
 
-def test_one_libvirt_host_is_not_enough(folder):
-    error = load_error(folder, VALID.replace("    role: libvirt\n    address: 10.77.0.12",
-                                             "    role: client\n    address: 10.77.0.12")
-                       .replace("    libvirt_uri: qemu:///system\n", ""))
-    problem = error_for(error, "hosts")
-    assert problem.args[0] == "a migration needs two libvirt hosts, found 1"
-    assert problem.fix == "List at least two hosts with role: libvirt"
+def test_one_libvirt_host_cannot_migrate(folder):
+    path = write(folder, VALID.replace("    role: libvirt\n    address: 10.77.0.12", "    role: client\n    address: 10.77.0.12")
+                 .replace("    libvirt_uri: qemu:///system\n", ""))
+    inventory = load_inventory(path)
+    assert [host.name for host in inventory.libvirt_hosts] == ["h1"]
+    with pytest.raises(ConfigError) as caught:
+        inventory.migration_hosts()
+    assert caught.value.args[0] == "a migration needs two libvirt hosts, found 1"
+    assert caught.value.path == str(path.resolve())
+    assert caught.value.field == "hosts"
+    assert caught.value.value == ["h1"]
+    assert caught.value.fix == "List two hosts with role: libvirt"
+
+
+def test_migration_hosts_are_first_two(folder):
+    source, destination = load_inventory(write(folder, VALID)).migration_hosts()
+    assert (source.name, destination.name) == ("h1", "h2")
+
+
+def test_inventory_without_libvirt_host(folder):
+    text = VALID.replace("role: libvirt", "role: client").replace("    libvirt_uri: qemu:///system\n", "")
+    problem = error_for(load_error(folder, text), "hosts")
+    assert problem.args[0] == "no host has role: libvirt"
 
 
 def test_remote_libvirt_uri_rejected(folder):
@@ -285,11 +301,11 @@ def test_rendered_inventory_loads_back(folder):
 
 
 def test_code_built_inventory_is_checked():
-    with pytest.raises(ValueError, match="hosts: a migration needs two libvirt hosts"):
+    with pytest.raises(ValueError, match=r"hosts\[0\].lab_address: not a host address"):
         Inventory.model_validate({"name": "x", "network": {"subnet": "10.77.0.0/24",
                                                            "guest_address": "10.77.0.100/24"},
                                   "hosts": [{"name": "h1", "role": "libvirt", "address": "10.77.0.11",
-                                             "user": "root", "key_file": "k", "lab_address": "10.77.0.11"}]})
+                                             "user": "root", "key_file": "k", "lab_address": "10.78.0.11"}]})
 
 
 # The playbook's inventory and link values.

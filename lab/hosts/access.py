@@ -251,7 +251,7 @@ def open_access(choice: LabChoice, local_lab: LocalLab, *, hosts: int = 2) -> La
     else:
         assert choice.inventory_path is not None
         inventory = load_inventory(choice.inventory_path)
-    source_entry, destination_entry = inventory.libvirt_hosts[:2]
+    source_entry, destination_entry = inventory.migration_hosts()
 
     if choice.transport == "namespaces":
         source = _namespace_host(local_lab, source_entry, inventory)
