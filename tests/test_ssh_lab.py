@@ -26,6 +26,7 @@ from lab.hosts.image_push import IMAGE_FILES, push_image
 from lab.hosts.innetns import call_in_netns
 from lab.hosts.remote import HostKeyChangedError, RemoteHost
 from lab.inventory import load_inventory, render_inventory, write_inventory
+from lab.paths import state_dir
 from lab.playbook import load_playbook
 from lab.runner import ExperimentRunner
 from lab.store import load_record
@@ -59,7 +60,10 @@ inventory: {{inventory}}
 
 @pytest.fixture(scope="module")
 def inventory(shared_lab):
-    return load_inventory(shared_lab.inventory_file)
+    loaded = load_inventory(shared_lab.inventory_file)
+    yield loaded
+    # The accelerator verdicts that preflight and the SSH run cached for this session's lab.
+    shutil.rmtree(state_dir() / "accelerator" / loaded.name, ignore_errors=True)
 
 
 def copy_inventory(inventory, folder: Path, *, known_hosts: Path | None = None, image_dir: str | None = None,
