@@ -414,6 +414,35 @@ class FaultInjector:
         return errors
 
 
+def kill_leftover_qemu(guest_name: str, netns_inode: int | None = None) -> list[int]:
+    """SIGKILL every QEMU process of *guest_name* that outlived its libvirtd; return their pids.
+
+    A destination QEMU paused in postcopy ignores SIGTERM, and one whose
+    libvirtd crashed is no longer known to the libvirtd started after it, so
+    libvirt's destroy cannot reach it. Guest names carry a random token per
+    run, so only the run's own guest matches. With *netns_inode*, only
+    processes in that network namespace are killed.
+    """
+    killed = []
+    marker = f"guest={guest_name},".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"qemu-system" not in cmdline.split(b"\0", 1)[0] or marker not in cmdline:
+                continue
+            if netns_inode is not None and (entry / "ns" / "net").stat().st_ino != netns_inode:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+        killed.append(int(entry.name))
+    for pid in killed:
+        _wait_gone(pid, KILL_WAIT_S)
+    return killed
+
+
 def _wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -446,20 +475,27 @@ def domain_state(conn: libvirt.virConnect | None, name: str) -> str:
 
 
 def resume_postcopy(source_domain: libvirt.virDomain, destination: libvirt.virConnect,
-                    params: dict[str, Any], flags: int, timeout_s: float
-                    ) -> tuple[libvirt.virDomain | None, str | None, float]:
-    """Call migrate3 again with VIR_MIGRATE_POSTCOPY_RESUME (libvirt 8.5 and later).
+                    params: dict[str, Any], flags: int, timeout_s: float, *, peer_uri: str | None = None
+                    ) -> tuple[bool, str | None, float]:
+    """Resume a paused postcopy migration with VIR_MIGRATE_POSTCOPY_RESUME (libvirt 8.5 and later).
 
-    Returns (destination domain or None, error or None, seconds taken). The
-    call runs in a thread; after *timeout_s* it is left running and reported
-    as timed out, because libvirt offers no way to interrupt it.
+    Without *peer_uri* this calls migrate3 again with the original flags, so
+    this process drives the resume. With it, the source's libvirtd drives it
+    (VIR_MIGRATE_PEER2PEER to *peer_uri*). Returns (finished, error or None,
+    seconds taken). The call runs in a thread. After *timeout_s* it is left
+    running and reported as timed out, because libvirt cannot interrupt it.
     """
     require_owned(source_domain)
     box: dict[str, Any] = {}
+    resume_flags = flags | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
 
     def call() -> None:
         try:
-            box["domain"] = source_domain.migrate3(destination, params, flags | libvirt.VIR_MIGRATE_POSTCOPY_RESUME)
+            if peer_uri is None:
+                box["domain"] = source_domain.migrate3(destination, params, resume_flags)
+            else:
+                source_domain.migrateToURI3(peer_uri, params, resume_flags | libvirt.VIR_MIGRATE_PEER2PEER)
+                box["domain"] = True
         except libvirt.libvirtError as exc:
             box["error"] = exc.get_error_message()
 
@@ -469,5 +505,5 @@ def resume_postcopy(source_domain: libvirt.virDomain, destination: libvirt.virCo
     worker.join(timeout_s)
     took = time.monotonic() - t
     if worker.is_alive():
-        return None, f"the postcopy resume call had not returned after {timeout_s:g} s", took
-    return box.get("domain"), box.get("error"), took
+        return False, f"the postcopy resume call had not returned after {timeout_s:g} s", took
+    return box.get("domain") is not None, box.get("error"), took

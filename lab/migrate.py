@@ -342,9 +342,9 @@ class Migration:
                  fault_hook: Callable[[float, dict[str, object], bool], str | None] | None = None):
         """*connection_counter* returns the number of migration connections open on the
         destination; it is polled during multifd runs. *fault_hook* is called on every
-        sample with (elapsed s, source job statistics, postcopy started?); it returns
+        sample with (elapsed s, source job statistics, postcopy started?). It returns
         "abort" to cancel the job as timed out, "give-up" to stop waiting for
-        virDomainMigrate3, or None (see lab.faults)."""
+        virDomainMigrate3, or None to go on (see lab.faults)."""
         require_owned(domain)
         self.domain = domain
         self.source = source

@@ -208,14 +208,26 @@ def _faults_markdown(runs: pd.DataFrame) -> list[str]:
     if "fault_kind" not in runs or not runs["fault_kind"].notna().any():
         return []
     faulty = runs[runs["fault_kind"].notna()]
-    table = faulty[[column for column in FAULT_TABLE_COLUMNS if column in faulty]].rename(
-        columns=FAULT_TABLE_COLUMNS)
-    table = table.astype(object).where(table.notna(), "n/a")
+    table = pd.DataFrame()
+    for column, heading in FAULT_TABLE_COLUMNS.items():
+        if column in faulty:
+            table[heading] = [_fault_cell(column, value) for value in faulty[column]]
     return ["## Faults", "",
             "Fault outcome: completed, source-running (the migration failed and the guest still runs on "
             "the source), postcopy-recovered (paused in postcopy, resumed and finished), guest-lost, or "
             "not-struck (the migration ended before the trigger).", "",
-            table.to_markdown(index=False, floatfmt=".1f"), ""]
+            table.to_markdown(index=False), ""]
+
+
+def _fault_cell(column: str, value: Any) -> str:
+    """Format one cell of the faults table: flags as yes or no, seconds and ms with one decimal."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "n/a"
+    if column in ("fault_in_postcopy", "fault_timed_out", "fault_recovered"):
+        return "yes" if bool(value) else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:.1f}"
+    return str(value)
 
 
 def _summary_markdown(experiment: str, playbook_sha256: str | None, runs: pd.DataFrame,

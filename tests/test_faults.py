@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import libvirt
@@ -276,3 +277,28 @@ def test_record_keeps_fault_id_and_section():
 def test_fault_record_rejects_unknown_outcome():
     with pytest.raises(ValidationError):
         FaultRecord(kind="link-down", trigger="1 s", spec={}, outcome="fine")
+
+
+def test_leftover_qemu_of_guest_killed():
+    import subprocess
+    import sys
+
+    # Python processes whose argv[0] and arguments look like a QEMU of each guest.
+    def fake_qemu(guest):
+        return subprocess.Popen(["qemu-system-x86_64", "-c", "import time; time.sleep(60)",
+                                 f"guest={guest},debug-threads=on"], executable=sys.executable)
+
+    other, mine = fake_qemu("mlab-other"), fake_qemu("mlab-mine")
+    try:
+        deadline = time.monotonic() + 10
+        while b"mlab-mine" not in Path(f"/proc/{mine.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = faults.kill_leftover_qemu("mlab-mine")
+        assert killed == [mine.pid]
+        assert mine.wait(timeout=10) == -9
+        assert other.poll() is None
+    finally:
+        other.kill()
+        mine.kill()
+        other.wait(timeout=10)
+        mine.wait(timeout=10)
