@@ -96,8 +96,8 @@ _TEXT = {
         "model_note": ("Modelo simple de precopy: M = working set + {resident} MiB residentes del guest, "
                        "R = mínimo de bandwidth_mib_s y link_rate_mib_s, D = dirty_rate_mib_s, L = D/R. "
                        "Las iteraciones de libvirt (iterations) se comparan con las rondas del modelo más {extra}. "
-                       "Se marca «¡revisar!» cuando |medido − modelo| / modelo supera {threshold:.0%}."),
-        "no_model": "el modelo no describe esta estrategia",
+                       "Se marca «¡revisar!» cuando |medido − modelo| / modelo supera {threshold:.0%}. "
+                       "Los escenarios que faltan en esta tabla no tienen predicción (—)."),
         "not_converging": "no converge",
         "converges": "converge",
         "means": "Medias por escenario de las ejecuciones completadas.",
@@ -109,8 +109,8 @@ _TEXT = {
         "model_inputs": "Model inputs",
         "model_note": ("Simple precopy model: M = working set + {resident} MiB resident in the guest, "
                        "R = the lower of bandwidth_mib_s and link_rate_mib_s, D = dirty_rate_mib_s, L = D/R. "
-                       "libvirt's iterations are compared with the model's rounds plus {extra}. A row is flagged \"check!\" when |measured − model| / model exceeds {threshold:.0%}."),
-        "no_model": "the model does not describe this strategy",
+                       "libvirt's iterations are compared with the model's rounds plus {extra}. A row is flagged \"check!\" when |measured − model| / model exceeds {threshold:.0%}. "
+                       "Scenarios missing from this table have no prediction (—)."),
         "not_converging": "does not converge",
         "converges": "converges",
         "means": "Means per scenario of the completed runs.",
@@ -335,7 +335,7 @@ def relative_difference(measured: float, predicted: float) -> float:
 
 def predicted_value(prediction: ModelPrediction, metric: str) -> float:
     """Return the model's value for a measured metric name of MODEL_METRICS; NaN where it does not converge."""
-    if not prediction.converges and metric != "iterations":
+    if not prediction.converges:
         return math.nan
     if metric in ("downtime_ms", "wall_downtime_ms"):
         return math.nan if prediction.downtime_ms is None else prediction.downtime_ms
@@ -407,7 +407,7 @@ def answer_key(exercise: str | Path, results_dir: str | Path, lang: str = "es") 
                 if name not in question.model:
                     continue
                 if prediction is None:
-                    cells += [text["no_model"], ""]
+                    cells += ["—", ""]
                     continue
                 predicted = predicted_value(prediction, name)
                 difference = relative_difference(row[name], predicted)
@@ -436,6 +436,7 @@ def _model_table(predictions: dict[str, ModelPrediction | None], settings: dict[
         live = values.get("strategy") != "stop-and-copy" and _present(dirty)
         lines.append(f"| `{scenario_id}` | {memory:.0f} | {min(rates):.0f} | "
                      f"{_format(float(dirty)) if live else '—'} | "
-                     f"{f'{prediction.ratio:.2f}' if live else '—'} | {prediction.rounds} | {state} |")
+                     f"{f'{prediction.ratio:.2f}' if live else '—'} | {prediction.rounds if prediction.converges else '—'} | "
+                     f"{state} |")
     lines.append("")
     return lines

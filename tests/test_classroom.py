@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lab.classroom import (CLASSROOM_DIR, DERIVED_METRICS, EXTRA_ITERATIONS, METRICS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, MIB, answer_key,
-                           list_exercises,
-                           load_exercise, precopy_model, relative_difference, scenario_means,
-                           scenario_prediction, stop_and_copy_model)
+from lab.classroom import (CLASSROOM_DIR, DERIVED_METRICS, EXTRA_ITERATIONS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB,
+                           METRICS, MIB, answer_key, list_exercises, load_exercise, precopy_model, predicted_value,
+                           relative_difference, scenario_means, scenario_prediction, stop_and_copy_model)
 from lab.cli import main
 from lab.errors import ConfigError
 from lab.playbook import load_playbook
@@ -170,6 +169,21 @@ def test_scenario_prediction_inputs():
 def test_metrics_are_run_columns():
     missing = [name for name in METRICS if name not in RUN_COLUMNS and name not in DERIVED_METRICS]
     assert missing == []
+
+
+def test_predicted_value_without_convergence():
+    prediction = precopy_model(80 * MIB, 32 * MIB, 48 * MIB, 300)
+    for metric in ("downtime_ms", "wall_downtime_ms", "total_time_ms", "transferred_mib", "iterations"):
+        assert math.isnan(predicted_value(prediction, metric))
+
+
+def test_predicted_value_converging():
+    prediction = precopy_model(80 * MIB, 32 * MIB, 16 * MIB, 300)
+    assert predicted_value(prediction, "iterations") == 5 + EXTRA_ITERATIONS
+    assert predicted_value(prediction, "transferred_mib") == pytest.approx(155)
+    assert predicted_value(prediction, "wall_downtime_ms") == pytest.approx(5 / 32 * 1000)
+    with pytest.raises(ValueError):
+        predicted_value(prediction, "postcopy_requests")
 
 
 def test_relative_difference():
