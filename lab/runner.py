@@ -541,9 +541,10 @@ class ExperimentRunner:
         if not finished and took_s < timeout_s:
             # NOTE: with libvirt 11.3 (Debian bookworm-backports) the destination's
             # libvirtd crashed (SIGSEGV in libvirt_driver_qemu.so) on every resume
-            # tried, driven by the harness or by the source's libvirtd, so no
-            # postcopy recovery has been seen to work on this stack. The daemon is
-            # started again and the source's libvirtd drives a second attempt.
+            # driven by the harness. Started again, it crashed again on the
+            # second attempt, driven by the source's libvirtd, or rejected it
+            # ("not processing incoming migration"). So no postcopy recovery has
+            # been seen to work on this stack.
             time.sleep(1.0)
             self._revive_destination(injector)
             finished, error, took_s = resume_postcopy(dom, self.destination, settings.params(), settings.flags(),

@@ -52,7 +52,7 @@ probes:
   stream: {enabled: false}
   capture: {enabled: false}
 timeouts:
-  fault_settle_s: 8
+  fault_settle_s: 6
   fault_abort_s: 20
   postcopy_recovery_s: 40
   daemon_restart_s: 60
@@ -91,7 +91,7 @@ def test_cut_precopy_leaves_guest_on_source(experiment):
     assert fault.struck_at_s is not None
     assert not fault.in_postcopy
     assert fault.timed_out
-    assert fault.aborted_at_s >= fault.struck_at_s + 8
+    assert fault.aborted_at_s >= fault.struck_at_s + 6
     assert record.outcome == "timed-out"
     assert fault.outcome == "source-running"
     assert fault.source_state == "running"
@@ -105,7 +105,7 @@ def test_cut_postcopy_paused_then_resumed(experiment):
     steps = json.dumps(fault.steps, indent=1)
     assert fault.struck_at_s is not None
     assert fault.in_postcopy
-    assert fault.aborted_at_s >= fault.struck_at_s + 8
+    assert fault.aborted_at_s >= fault.struck_at_s + 6
     assert fault.restored_at_s == fault.aborted_at_s
     assert fault.recovery_attempted, steps
     assert fault.recovery_ms is not None
