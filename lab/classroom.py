@@ -301,12 +301,17 @@ def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> 
     """Return one row per scenario with the mean of each metric over its completed runs.
 
     completed_pct and stream_survived_pct are shares over all runs of the
-    scenario; transferred_mib is transferred_bytes in MiB. Scenarios keep the
+    scenario; transferred_mib is transferred_bytes in MiB, or the save file's
+    allocated size for flushing runs. Scenarios keep the
     order of their first run.
     """
     frame = runs.copy()
     frame["completed_pct"] = (frame["outcome"] == "completed").astype(float) * 100
-    frame["transferred_mib"] = pd.to_numeric(frame["transferred_bytes"], errors="coerce") / MIB
+    # A flushing run moves memory through its save file, whose allocated size is the bytes written.
+    moved = pd.to_numeric(frame["transferred_bytes"], errors="coerce")
+    if "save_file_disk_bytes" in frame:
+        moved = moved.fillna(pd.to_numeric(frame["save_file_disk_bytes"], errors="coerce"))
+    frame["transferred_mib"] = moved / MIB
     if "stream_survived" in frame:
         survived = frame["stream_survived"].map(lambda value: float(value) if isinstance(value, bool)
                                                 else (float(value) if _present(value) else math.nan))

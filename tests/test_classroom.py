@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -314,3 +315,15 @@ def test_cli_exercise_key_unknown_exercise(results):
     result = CliRunner().invoke(main, ["exercise", "key", "nope", str(results)])
     assert result.exit_code == 1
     assert "exercise 'nope' not found" in result.output
+
+
+def test_scenario_means_flushing_uses_save_file():
+    runs = pd.DataFrame({
+        "scenario_id": ["flushing", "flushing", "precopy"],
+        "outcome": ["completed", "completed", "completed"],
+        "transferred_bytes": [math.nan, math.nan, 150 * MIB],
+        "save_file_disk_bytes": [130 * MIB, 132 * MIB, math.nan],
+    })
+    means = scenario_means(runs, ["transferred_mib"]).set_index("scenario_id")
+    assert means.loc["flushing", "transferred_mib"] == pytest.approx(131)
+    assert means.loc["precopy", "transferred_mib"] == pytest.approx(150)
