@@ -362,3 +362,23 @@ def test_switchover_ignores_flooded_frames():
 
 def test_switchover_phases_need_a_pause():
     assert switchover_phases(paused_at_s=None, resumed_at_s=None, echo=None, capture=None, t0_ns=T0) is None
+
+
+def test_switchover_reply_before_late_resume_event():
+    # libvirt's resumed event came at 200 ms, after the guest replied from the destination at 160.5 ms.
+    echo = echo_series(parse_agent_output(agent_text(steady(0.0, 300, lost=set(range(100, 160))))), T0)
+    phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.200, echo=echo, capture=None, t0_ns=T0)
+    assert phases.last_reply_before_s == pytest.approx(0.0995)
+    assert phases.first_reply_after_s == pytest.approx(0.1605)
+    assert phases.resumed_at_s == 0.200
+
+
+def test_switchover_ends_with_reply_to_earlier_request():
+    # Request 99, sent before the pause, waited in the guest's NIC and got its
+    # reply from the destination at 150 ms, before any later request.
+    rows = steady(0.0, 300, lost=set(range(99, 160)))
+    rows[99] = (99, 99.0, 150.0, 150.0)
+    echo = echo_series(parse_agent_output(agent_text(rows)), T0)
+    phases = switchover_phases(paused_at_s=0.100, resumed_at_s=0.120, echo=echo, capture=None, t0_ns=T0)
+    assert phases.last_reply_before_s == pytest.approx(0.0985)
+    assert phases.first_reply_after_s == pytest.approx(0.150)

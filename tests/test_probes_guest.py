@@ -168,7 +168,7 @@ def test_observe_run_aligns_consoles_with_echo_replies():
     source_reports = [report(i, 98_000 + 1000 * i, 1000 * i) for i in range(4)]       # guest 98..101 s
     destination_reports = [report(i, 98_000 + 1000 * i, 1000 * i) for i in range(4, 8)]  # guest 102..105 s
     result = observe_run(ProbeOutputs(agent=agent, capture=None, problems=[]),
-                         RunClock(t0_ns=t0_ns, completed=True, paused_at_s=1.0, resumed_at_s=1.05,
+                         RunClock(t0_ns=t0_ns, completed=True, paused_at_s=1.001, resumed_at_s=1.05,
                                   transfer_end_s=1.1),
                          consoles={"h1": console(source_reports), "h2": console(destination_reports)},
                          source_host="h1", destination_host="h2")
@@ -178,7 +178,8 @@ def test_observe_run_aligns_consoles_with_echo_replies():
     assert observed.guest.clock == "echo"
     assert observed.guest.throughput_before_pps == pytest.approx(1000.0, rel=1e-3)
     assert observed.echo.client_downtime_ms == pytest.approx(100.0, abs=0.01)
-    assert observed.network.paused_at_s == 1.0
+    assert observed.network.paused_at_s == 1.001
+    assert observed.network.last_reply_before_s == pytest.approx(1.0004, abs=1e-6)
     assert observed.network.first_reply_after_s == pytest.approx(1.1004, abs=1e-3)
     assert observed.stream is None
     assert result.warnings == []

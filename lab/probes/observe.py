@@ -41,8 +41,10 @@ def _split_replies(echo: pd.DataFrame, clock: RunClock) -> tuple[pd.DataFrame, p
     """Split echo rows into replies the source sent and replies the destination sent."""
     if not clock.completed or clock.paused_at_s is None:
         return echo, echo.iloc[0:0]
-    resumed = clock.resumed_at_s if clock.resumed_at_s is not None else clock.paused_at_s
-    return echo[echo["received_s"] <= clock.paused_at_s], echo[echo["received_s"] >= resumed]
+    # The same rule as switchover_gap(): replies received up to the pause came from
+    # the source, replies to requests sent after it from the destination.
+    return (echo[echo["received_s"] <= clock.paused_at_s],
+            echo[echo["received_s"].notna() & (echo["sent_s"] > clock.paused_at_s)])
 
 
 def observe_run(outputs: ProbeOutputs | None, clock: RunClock, *, consoles: dict[str, str],
