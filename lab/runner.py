@@ -358,6 +358,11 @@ class ExperimentRunner:
         except KeyboardInterrupt:
             if probes is not None:
                 probes.close()
+            # An interrupt outside the migration stores no run, so its console
+            # logs go too; left behind, they would look like the next run's.
+            for path in (source_console, destination_console):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
             raise
         except (LabError, libvirt.libvirtError) as exc:
             error = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
