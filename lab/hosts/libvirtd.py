@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TypeVar
 import libvirt
 
 from lab.errors import HostError
+from lab.hosts.innetns import call_in_netns
 from lab.hosts.netns import namespace_id
 from lab.hosts.processes import is_alive
 from lab.hosts.system import LAB_PATH, run, tail, tail_file
@@ -178,22 +178,7 @@ def call_with_timeout(function: Callable[[], T], timeout: float, description: st
     daemon that accepts the socket but never replies would block forever.
     A call that timed out keeps its daemon thread until the call returns.
     """
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = function()
-        except BaseException as error:  # re-raised in the caller's thread
-            outcome["error"] = error
-
-    worker = threading.Thread(target=target, name=description, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise HostError(f"{description} timed out after {timeout:g} s")
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    return call_in_netns(None, function, timeout, description)
 
 
 # Path of libvirtd's read-write socket inside a host's mount namespace.
