@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import selectors
-import signal
 import socket
 import sys
 import time
@@ -403,19 +401,7 @@ def parse_arguments(argv: list[str]) -> AgentSettings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_arguments(sys.argv[1:] if argv is None else argv)
-    with open(settings.output, "w", encoding="ascii", buffering=1 << 16) as output:
-        agent = Agent(settings, output)
-
-        def request_stop(_signum, _frame):
-            agent.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        try:
-            return agent.run()
-        finally:
-            output.flush()
-            os.fsync(output.fileno())
+    return protocol.run_probe_process(settings.output, lambda output: Agent(settings, output))
 
 
 if __name__ == "__main__":

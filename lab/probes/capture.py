@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -388,19 +386,7 @@ def parse_arguments(argv: list[str]) -> CaptureSettings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_arguments(sys.argv[1:] if argv is None else argv)
-    with open(settings.output, "w", encoding="ascii", buffering=1 << 16) as output:
-        capture = Capture(settings, output)
-
-        def request_stop(_signum, _frame):
-            capture.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        try:
-            return capture.run()
-        finally:
-            output.flush()
-            os.fsync(output.fileno())
+    return protocol.run_probe_process(settings.output, lambda output: Capture(settings, output))
 
 
 if __name__ == "__main__":

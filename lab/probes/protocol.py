@@ -14,10 +14,14 @@ stream unchanged, so the client compares what comes back with what it sent.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TextIO
 
 ECHO_PORT = 7007
 STREAM_PORT = 7008
@@ -141,3 +145,32 @@ def realtime_offset_ns() -> int:
 def ancillary_space() -> int:
     """Return the recvmsg() ancillary buffer size that fits one receive timestamp."""
     return socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class ProbeLoop(Protocol):
+    """A probe process's main loop: run() returns the exit code once stop_requested is set or it ends."""
+
+    stop_requested: bool
+
+    def run(self) -> int: ...
+
+
+def run_probe_process(output_path: str, make_loop: Callable[[TextIO], ProbeLoop]) -> int:
+    """Run a probe loop that writes to *output_path* until it ends or SIGTERM or SIGINT stops it.
+
+    The output is flushed and fsynced on every exit, so the harness can parse
+    what the probe saw even when it stopped the probe early.
+    """
+    with open(output_path, "w", encoding="ascii", buffering=1 << 16) as output:
+        loop = make_loop(output)
+
+        def request_stop(_signum, _frame):
+            loop.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            return loop.run()
+        finally:
+            output.flush()
+            os.fsync(output.fileno())
