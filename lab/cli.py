@@ -289,6 +289,50 @@ def run(playbook: Path, results_root: Path, resume: bool, accelerator: str, make
             console.print(f"wrote {path}")
 
 
+@main.command("plan")
+@click.argument("playbook", type=click.Path(path_type=Path))
+@click.option("--format", "output_format", type=click.Choice(["table", "csv"]), default="table",
+              show_default=True, help="table for reading, csv for other tools.")
+def plan(playbook: Path, output_format: str) -> None:
+    """Validate PLAYBOOK and list its scenarios with the simple precopy model's prediction, without running.
+
+    The model (rounds, downtime, MiB sent, time) applies to precopy and
+    stop-and-copy scenarios with a bandwidth cap or a shaped link; other
+    scenarios show no prediction.
+    """
+    import pandas as pd
+
+    from lab.playbook import load_playbook
+    from lab.plan import make_plan
+
+    book = load_playbook(playbook)
+    the_plan = make_plan(book)
+    rows = the_plan.rows()
+    if output_format == "csv":
+        click.echo(pd.DataFrame(rows).convert_dtypes().to_csv(index=False), nl=False)
+        return
+    common = ", ".join(f"{name} {value}" for name, value in the_plan.common_values().items())
+    console.print(f"all scenarios: {common}", highlight=False)
+    headers = {"memory_mib": "memory MiB", "working_set_mib": "ws MiB", "dirty_rate_mib_s": "dirty MiB/s",
+               "bandwidth_mib_s": "bw MiB/s", "link_rate_mib_s": "link MiB/s", "downtime_limit_ms": "limit ms",
+               "postcopy_after_iterations": "pc after it", "postcopy_after_s": "pc after s",
+               "max_time_s": "max s", "model_ratio": "L", "model_rounds": "rounds",
+               "model_downtime_ms": "downtime ms", "model_sent_mib": "sent MiB", "model_time_s": "time s"}
+    table = Table(box=box.SIMPLE_HEAD, title="simple precopy model: L = dirty rate / link rate",
+                  title_justify="left")
+    for name in rows[0]:
+        text_column = name in ("scenario", "strategy", "fault", "pattern")
+        table.add_column(headers.get(name, name), justify="left" if text_column else "right",
+                         no_wrap=name == "scenario")
+    for row in rows:
+        table.add_row(*("-" if value is None else str(value) for value in row.values()))
+    console.print(table)
+    console.print(f"{book.experiment}: {len(the_plan.scenarios)} scenarios x {book.repetitions} repetitions = "
+                  f"{the_plan.run_count} runs on inventory {book.inventory}; the migration phases take at most "
+                  f"{the_plan.migration_time_bound_s / 60:.1f} min (the sum of max_time_s), plus guest boot "
+                  f"and probes per run")
+
+
 @main.command("clean")
 @click.option("--results", "results_root", type=click.Path(path_type=Path), default=Path("results"),
               show_default=True, help="Results folder whose half-written runs are deleted.")
