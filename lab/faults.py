@@ -31,17 +31,23 @@ before the trigger).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import libvirt
+import libvirt_qemu
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from lab.domain import require_owned
 from lab.errors import HostError, LabError
@@ -62,6 +68,10 @@ TRIGGER_FIELDS = ("at_s", "at_progress_pct", "at_iteration", "at_postcopy")
 COMMAND_TIMEOUT_S = 20.0
 # Time for a SIGKILLed process to disappear from /proc.
 KILL_WAIT_S = 10.0
+# Reply time of one QMP command on the destination's socket during a recovery.
+RECOVERY_QMP_TIMEOUT_S = 10.0
+# Time for both libvirtd to finish the migration job after QEMU completed a resumed migration.
+LIBVIRT_SETTLE_S = 30.0
 
 
 class FaultSpec(BaseModel):
@@ -310,7 +320,7 @@ class FaultInjector:
         if postcopy:
             # A postcopy job cannot be cancelled without losing the guest;
             # VIR_DOMAIN_ABORT_JOB_POSTCOPY (libvirt 8.5 and later) pauses it
-            # instead, so that a later migrate3 with POSTCOPY_RESUME can go on.
+            # instead (QEMU's postcopy-paused), from which resume_postcopy can go on.
             try:
                 self.source_domain.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
                 report.steps.append(f"{now_s:.1f} s: no end {self.timeouts.settle_s:g} s after the strike; "
@@ -474,36 +484,170 @@ def domain_state(conn: libvirt.virConnect | None, name: str) -> str:
     return text
 
 
-def resume_postcopy(source_domain: libvirt.virDomain, destination: libvirt.virConnect,
-                    params: dict[str, Any], flags: int, timeout_s: float, *, peer_uri: str | None = None
-                    ) -> tuple[bool, str | None, float]:
-    """Resume a paused postcopy migration with VIR_MIGRATE_POSTCOPY_RESUME (libvirt 8.5 and later).
+def libvirt_monitor(dom: libvirt.virDomain) -> Callable[..., Any]:
+    """Return a function that runs one QMP command on *dom*'s QEMU through libvirt.
 
-    Without *peer_uri* this calls migrate3 again with the original flags, so
-    this process drives the resume. With it, the source's libvirtd drives it
-    (VIR_MIGRATE_PEER2PEER to *peer_uri*). Returns (finished, error or None,
-    seconds taken). The call runs in a thread. After *timeout_s* it is left
-    running and reported as timed out, because libvirt cannot interrupt it.
+    It fails on a destination during an incoming migration: libvirt 11.3
+    waits 30 s for the domain's job lock there and gives up, because the
+    migration job allows no other job until it ends.
+    """
+    def run(command: str, **arguments: Any) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        try:
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+        except libvirt.libvirtError as exc:
+            raise HostError(f"QMP command {command} on {dom.name()} failed: {exc.get_error_message()}") from exc
+        if "error" in reply:
+            raise HostError(f"QEMU rejected {command} on {dom.name()}: {reply['error'].get('desc')}")
+        return reply.get("return")
+    return run
+
+
+# QEMU's query-migrate status of a postcopy migration that lost its connection.
+POSTCOPY_PAUSED = "postcopy-paused"
+
+
+@dataclass
+class ResumeResult:
+    """Outcome of one postcopy recovery: whether QEMU finished the migration, and how long it took."""
+
+    finished: bool
+    error: str | None = None
+    # From the source's resume command to the destination reporting the migration completed.
+    took_s: float = 0.0
+    steps: list[str] = field(default_factory=list)
+
+
+def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Callable[..., Any],
+                    listen_host: str, timeout_s: float, *, pause_wait_s: float = 10.0, poll_s: float = 0.2,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> ResumeResult:
+    """Resume a paused postcopy migration with QEMU's own recovery commands.
+
+    *source_monitor* and *destination_monitor* each run one QMP command,
+    ``(command, **arguments)``, and return its ``return`` value or raise
+    LabError (or QMPError). The destination gets ``migrate-recover`` on
+    *listen_host* with a port that QEMU chooses, and the source gets
+    ``migrate`` with ``resume: true`` to that port. Nothing is sent unless
+    both QEMUs report ``postcopy-paused`` within *pause_wait_s*, so a guest
+    in any other state is left as it is.
+
+    libvirt's VIR_MIGRATE_POSTCOPY_RESUME is not used: libvirtd 11.3
+    dereferences a NULL pointer in qemuMigrationDstPrepareResume and crashes
+    on every resume (docs/postcopy-recovery.md). Once QEMU reports the
+    migration completed, libvirt finishes the job on both hosts by itself,
+    as it does for a migration that completed while no API call watched it.
+    """
+    result = ResumeResult(finished=False)
+    deadline = clock() + pause_wait_s
+    while True:
+        try:
+            states = {"source": source_monitor("query-migrate").get("status"),
+                      "destination": destination_monitor("query-migrate").get("status")}
+        except (LabError, QMPError, OSError) as exc:
+            result.error = f"reading the migration state failed: {exc}"
+            return result
+        if all(state == POSTCOPY_PAUSED for state in states.values()):
+            break
+        if clock() >= deadline:
+            result.error = (f"not resumed: QEMU reports the migration as {states['source']} on the source and "
+                            f"{states['destination']} on the destination, not both {POSTCOPY_PAUSED}")
+            return result
+        sleep(poll_s)
+    result.steps.append(f"both QEMUs report {POSTCOPY_PAUSED}")
+
+    try:
+        destination_monitor("migrate-recover", uri=f"tcp:{listen_host}:0")
+        addresses = destination_monitor("query-migrate").get("socket-address") or []
+        port = next(int(address["port"]) for address in addresses if address.get("type") == "inet")
+    except StopIteration:
+        result.error = "migrate-recover on the destination reported no listening TCP port"
+        return result
+    except (LabError, QMPError, OSError, KeyError, ValueError) as exc:
+        result.error = f"migrate-recover on the destination failed: {exc}"
+        return result
+    uri = f"tcp:{listen_host}:{port}"
+    result.steps.append(f"destination QEMU listens for the recovery on {uri}")
+
+    started = clock()
+    try:
+        source_monitor("migrate", uri=uri, resume=True)
+    except (LabError, QMPError, OSError) as exc:
+        result.error = f"migrate with resume on the source failed: {exc}"
+        return result
+    result.steps.append("source QEMU resumed the migration")
+
+    deadline = started + timeout_s
+    status = None
+    while clock() < deadline:
+        try:
+            status = destination_monitor("query-migrate").get("status")
+        except (LabError, QMPError, OSError) as exc:
+            result.error = f"reading the destination's migration state failed: {exc}"
+            break
+        if status == "completed":
+            result.finished = True
+            break
+        if status == "failed":
+            result.error = "the destination QEMU reports the resumed migration as failed"
+            break
+        sleep(poll_s)
+    else:
+        result.error = f"the resumed migration had not completed after {timeout_s:g} s (last state {status})"
+    result.took_s = clock() - started
+    return result
+
+
+def resume_postcopy_through_socket(source_domain: libvirt.virDomain, destination_socket: Path,
+                                   migration_uri: str, timeout_s: float) -> ResumeResult:
+    """Run :func:`resume_postcopy` with the destination QEMU's QMP socket and the source's libvirt monitor.
+
+    *migration_uri* is the destination's migration URI, such as
+    ``tcp://10.77.0.12``, whose host the destination QEMU listens on.
     """
     require_owned(source_domain)
-    box: dict[str, Any] = {}
-    resume_flags = flags | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
-
-    def call() -> None:
+    listen_host = urlsplit(migration_uri).hostname
+    if not listen_host:
+        return ResumeResult(finished=False, error=f"no host in the destination's migration URI {migration_uri!r}")
+    destination_qmp = QEMUMonitorProtocol(str(destination_socket))
+    try:
+        destination_qmp.connect()
+        destination_qmp.settimeout(RECOVERY_QMP_TIMEOUT_S)
+        return resume_postcopy(libvirt_monitor(source_domain), destination_qmp.cmd, listen_host, timeout_s)
+    except (QMPError, OSError) as exc:
+        return ResumeResult(finished=False,
+                            error=f"connecting to the destination's QMP socket {destination_socket} failed: {exc}")
+    finally:
         try:
-            if peer_uri is None:
-                box["domain"] = source_domain.migrate3(destination, params, resume_flags)
-            else:
-                source_domain.migrateToURI3(peer_uri, params, resume_flags | libvirt.VIR_MIGRATE_PEER2PEER)
-                box["domain"] = True
-        except libvirt.libvirtError as exc:
-            box["error"] = exc.get_error_message()
+            destination_qmp.close()
+        except (QMPError, OSError) as exc:
+            log.debug("closing the destination's QMP socket failed: %s", exc)
 
-    t = time.monotonic()
-    worker = threading.Thread(target=call, name=f"postcopy-resume-{source_domain.name()}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    took = time.monotonic() - t
-    if worker.is_alive():
-        return False, f"the postcopy resume call had not returned after {timeout_s:g} s", took
-    return box.get("domain") is not None, box.get("error"), took
+
+def wait_for_migrated_guest(source: libvirt.virConnect, destination: libvirt.virConnect, name: str,
+                            timeout_s: float, poll_s: float = 0.2) -> libvirt.virDomain | None:
+    """Wait until libvirt has ended a migration that QEMU completed; return the destination's guest, else None.
+
+    Done means: the owned guest runs on the destination with reason
+    ``migrated`` and no job, and the source has no running guest of that
+    name. libvirtd ends the job on each host when QEMU's MIGRATION event
+    reports the migration completed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            guest = destination.lookupByName(name)
+            state, reason = guest.state()
+            job = guest.jobInfo()[0]
+            done = state == libvirt.VIR_DOMAIN_RUNNING and reason == libvirt.VIR_DOMAIN_RUNNING_MIGRATED \
+                and job == libvirt.VIR_DOMAIN_JOB_NONE and domain_state(source, name) in ("absent", "shutoff")
+        except libvirt.libvirtError as exc:
+            log.debug("waiting for the migrated guest %s: %s", name, exc.get_error_message())
+            done = False
+        if done:
+            require_owned(guest)
+            return guest
+        time.sleep(poll_s)
+    return None

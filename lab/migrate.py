@@ -519,7 +519,11 @@ class Migration:
             if settings.strategy == "postcopy-preempt" and preempt_seen is False:
                 result.warnings.append("QEMU's postcopy-preempt capability was off during the migration")
         if blocktime is not None:
-            figures = blocktime.finish(result.postcopy_started_at_s is not None)
+            postcopy_ran = result.postcopy_started_at_s is not None
+            # After a fault broke postcopy, the runner's recovery talks to the
+            # destination QEMU through this socket and removes it afterwards.
+            keep = self.fault_hook is not None and postcopy_ran and result.outcome != "completed"
+            figures = blocktime.finish(postcopy_ran, keep_socket=keep)
             details.update(figures)
             if result.postcopy_started_at_s is not None and "postcopy_blocktime_ms" not in figures:
                 result.warnings.append(f"postcopy blocktime not measured: {blocktime.problem}")
@@ -834,8 +838,11 @@ class _BlocktimeMonitor:
             self._close()
         return True
 
-    def finish(self, postcopy_ran: bool) -> dict[str, object]:
-        """Read the blocktime figures after the run and close the socket."""
+    def finish(self, postcopy_ran: bool, *, keep_socket: bool = False) -> dict[str, object]:
+        """Read the blocktime figures after the run, close the connection and remove the socket.
+
+        With *keep_socket* the socket file stays, so that another client can connect later.
+        """
         figures: dict[str, object] = {}
         try:
             if self._enabled and postcopy_ran and self._qmp is not None:
@@ -848,17 +855,18 @@ class _BlocktimeMonitor:
         except (QMPError, OSError) as exc:
             self.problem = f"query-migrate on the destination failed: {exc}"
         finally:
-            self._close()
+            self._close(remove=not keep_socket)
         return figures
 
-    def _close(self) -> None:
+    def _close(self, remove: bool = True) -> None:
         if self._qmp is not None:
             try:
                 self._qmp.close()
             except (QMPError, OSError) as exc:
                 log.debug("closing the destination QMP socket failed: %s", exc)
             self._qmp = None
-        self.path.unlink(missing_ok=True)
+        if remove:
+            self.path.unlink(missing_ok=True)
 
 
 class Flushing:

@@ -343,7 +343,7 @@ class TimeoutsSection(BaseModel):
     fault_settle_s: Annotated[int, Field(gt=0)] = 30
     # From that abort until virDomainMigrate3 must have returned.
     fault_abort_s: Annotated[int, Field(gt=0)] = 30
-    # For the migrate3 call with VIR_MIGRATE_POSTCOPY_RESUME to finish the migration.
+    # From the postcopy resume command until QEMU reports the migration completed.
     postcopy_recovery_s: Annotated[int, Field(gt=0)] = 60
     # For a killed libvirtd to be started again and accept connections.
     daemon_restart_s: Annotated[int, Field(gt=0)] = 90

@@ -430,7 +430,8 @@ class FaultRecord(BaseModel):
     timed_out: bool = Field(False, description="a wait after the strike reached its timeout")
     recovery_attempted: bool = False
     recovered: bool | None = None
-    recovery_ms: NonNegativeFloat | None = Field(None, description="duration of the postcopy resume call")
+    recovery_ms: NonNegativeFloat | None = Field(
+        None, description="from the postcopy resume command until the destination QEMU reported the migration completed")
     source_state: str | None = Field(None, description="the guest's state on the source after the run")
     destination_state: str | None = None
     steps: list[str] = []

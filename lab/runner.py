@@ -34,7 +34,8 @@ from lab.hosts.shell import HostFile
 
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
 from lab.errors import ConfigError
-from lab.faults import FaultInjector, FaultTimeouts, domain_state, kill_leftover_qemu, resume_postcopy
+from lab.faults import (LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, domain_state, kill_leftover_qemu,
+                        resume_postcopy_through_socket, wait_for_migrated_guest)
 from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
                          migration_connections_argv)
 from lab.locking import experiment_lock
@@ -522,11 +523,20 @@ class ExperimentRunner:
                           settings: MigrationSettings) -> None:
         """Resume a postcopy migration that the fault broke, once the link is back.
 
-        Only a guest paused in postcopy on the source is resumed: its
-        destination QEMU must still hold the pages already moved, so a
+        Only a guest that both QEMUs report as postcopy-paused is resumed:
+        its destination QEMU must still hold the pages already moved, so a
         killed destination QEMU is not retried. A failed resume leaves the
-        guest as it is; the integrity check then records it lost.
+        guest as it is, and the integrity check then records it lost.
+        The destination's QMP socket that the migration kept is removed here.
         """
+        socket = settings.destination_qmp_socket
+        try:
+            self._resume_postcopy(injector, result, dom, socket)
+        finally:
+            if socket is not None:
+                socket.unlink(missing_ok=True)
+
+    def _resume_postcopy(self, injector: FaultInjector, result: MigrationResult, dom, socket: Path | None) -> None:
         report = injector.report
         if result.outcome == "completed" or report.struck_at_s is None or injector.spec.kind == "kill-qemu" \
                 or result.postcopy_started_at_s is None:
@@ -537,36 +547,30 @@ class ExperimentRunner:
             report.steps.append(f"no postcopy resume: the source guest is {state}")
             return
         self._revive_destination(injector)
+        if socket is None or not socket.exists():
+            # libvirt keeps the destination's monitor for itself until the
+            # incoming migration ends, so migrate-recover needs this socket.
+            report.steps.append("no postcopy resume: the destination QEMU has no QMP socket of the harness "
+                                "(it gets one only with QEMU's postcopy-blocktime capability)")
+            return
         report.recovery_attempted = True
         timeout_s = float(self.playbook.timeouts.postcopy_recovery_s)
-        finished, error, took_s = resume_postcopy(dom, self.destination, settings.params(), settings.flags(),
-                                                  timeout_s)
-        report.steps.append(f"postcopy resume driven by the harness: {'finished' if finished else error} "
-                            f"after {took_s:.1f} s")
-        if not finished and took_s < timeout_s:
-            # NOTE: with libvirt 11.3 (Debian bookworm-backports) the destination's
-            # libvirtd crashed (SIGSEGV in libvirt_driver_qemu.so) on every resume
-            # driven by the harness. Started again, it crashed again on the
-            # second attempt, driven by the source's libvirtd, or rejected it
-            # ("not processing incoming migration"). So no postcopy recovery has
-            # been seen to work on this stack.
-            time.sleep(1.0)
-            self._revive_destination(injector)
-            finished, error, took_s = resume_postcopy(dom, self.destination, settings.params(), settings.flags(),
-                                                      timeout_s, peer_uri=self.destination_host.libvirt_uri)
-            report.steps.append(f"postcopy resume driven by the source's libvirtd: "
-                                f"{'finished' if finished else error} after {took_s:.1f} s")
-        report.recovery_ms = took_s * 1000.0
-        report.recovered = finished
-        if not finished:
-            report.timed_out = report.timed_out or took_s >= timeout_s
+        resumed = resume_postcopy_through_socket(dom, socket, self.destination_host.migration_uri, timeout_s)
+        report.steps.extend(f"postcopy recovery: {step}" for step in resumed.steps)
+        report.steps.append(f"postcopy recovery: {'completed' if resumed.finished else resumed.error} "
+                            f"after {resumed.took_s:.1f} s")
+        report.recovered = resumed.finished
+        if resumed.took_s:
+            report.recovery_ms = resumed.took_s * 1000.0
+        if not resumed.finished:
+            report.timed_out = report.timed_out or resumed.took_s >= timeout_s
             return
-        try:
-            new_domain = self.destination.lookupByName(dom.name())
-            domain.require_owned(new_domain)
-        except (libvirt.libvirtError, LabError) as exc:
-            report.steps.append(f"the resumed guest is not on the destination: {exc}")
+        new_domain = wait_for_migrated_guest(self.source, self.destination, dom.name(), LIBVIRT_SETTLE_S)
+        if new_domain is None:
             report.recovered = False
+            report.steps.append(f"QEMU completed the migration, but libvirt did not end the migration job within "
+                                f"{LIBVIRT_SETTLE_S:g} s (source: {domain_state(self.source, dom.name())}, "
+                                f"destination: {domain_state(self.destination, dom.name())})")
             return
         result.outcome, result.error, result.destination_domain = "completed", None, new_domain
 

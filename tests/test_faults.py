@@ -302,3 +302,156 @@ def test_leftover_qemu_of_guest_killed():
         mine.kill()
         other.wait(timeout=10)
         mine.wait(timeout=10)
+
+
+# Postcopy recovery through QEMU's own commands, with scripted monitors
+
+
+class ScriptedMonitor:
+    """A QMP monitor that returns query-migrate states from a list, and records every command."""
+
+    def __init__(self, states: list[str], socket_address: list[dict] | None = None, fail: str | None = None):
+        self.states = list(states)
+        self.socket_address = socket_address
+        self.fail = fail
+        self.commands: list[tuple[str, dict]] = []
+
+    def __call__(self, command: str, **arguments):
+        self.commands.append((command, arguments))
+        if command == self.fail:
+            raise faults.HostError(f"QEMU rejected {command}")
+        if command == "query-migrate":
+            status = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            reply = {"status": status}
+            if self.socket_address is not None:
+                reply["socket-address"] = self.socket_address
+            return reply
+        return {}
+
+    def sent(self) -> list[str]:
+        return [command for command, _ in self.commands if command != "query-migrate"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+LISTEN = [{"type": "inet", "host": "10.77.0.12", "port": "49231", "ipv4": True}]
+
+
+def resume(source, destination, timeout_s=30.0):
+    clock = FakeClock()
+    return faults.resume_postcopy(source, destination, "10.77.0.12", timeout_s, clock=clock, sleep=clock.sleep)
+
+
+def test_resume_sends_recover_then_resume():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused", "postcopy-paused", "postcopy-recover", "postcopy-active",
+                                   "completed"], socket_address=LISTEN)
+    result = resume(source, destination)
+    assert result.finished, result.error
+    assert result.error is None
+    assert ("migrate-recover", {"uri": "tcp:10.77.0.12:0"}) in destination.commands
+    assert source.commands[-1] == ("migrate", {"uri": "tcp:10.77.0.12:49231", "resume": True})
+    assert result.took_s > 0
+    assert any("tcp:10.77.0.12:49231" in step for step in result.steps)
+
+
+def test_resume_waits_for_both_sides_paused():
+    source = ScriptedMonitor(["postcopy-active", "postcopy-active", "postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused", "postcopy-paused", "postcopy-paused", "completed"],
+                                  socket_address=LISTEN)
+    result = resume(source, destination)
+    assert result.finished, result.error
+    assert source.sent() == ["migrate"]
+
+
+@pytest.mark.parametrize("source_state, destination_state", [
+    ("postcopy-active", "postcopy-paused"),
+    ("postcopy-paused", "completed"),
+    ("failed", "postcopy-paused"),
+])
+def test_resume_leaves_guest_not_paused_alone(source_state, destination_state):
+    source = ScriptedMonitor([source_state])
+    destination = ScriptedMonitor([destination_state], socket_address=LISTEN)
+    result = resume(source, destination)
+    assert not result.finished
+    assert "not resumed" in result.error
+    assert source_state in result.error
+    assert destination_state in result.error
+    assert source.sent() == []
+    assert destination.sent() == []
+
+
+def test_resume_without_listening_port():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused"], socket_address=[])
+    result = resume(source, destination)
+    assert not result.finished
+    assert "no listening TCP port" in result.error
+    assert source.sent() == []
+
+
+def test_resume_reports_rejected_recover():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused"], socket_address=LISTEN, fail="migrate-recover")
+    result = resume(source, destination)
+    assert not result.finished
+    assert "migrate-recover on the destination failed" in result.error
+    assert source.sent() == []
+
+
+def test_resume_reports_failed_migration():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused", "postcopy-paused", "postcopy-recover", "failed"],
+                                  socket_address=LISTEN)
+    result = resume(source, destination)
+    assert not result.finished
+    assert "failed" in result.error
+
+
+def test_resume_times_out():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-paused", "postcopy-paused", "postcopy-active"], socket_address=LISTEN)
+    result = resume(source, destination, timeout_s=5.0)
+    assert not result.finished
+    assert "had not completed after 5 s" in result.error
+    assert "postcopy-active" in result.error
+    assert result.took_s >= 5.0
+
+
+def test_resume_through_missing_socket(tmp_path):
+    dom = OwnedDomain()
+    result = faults.resume_postcopy_through_socket(dom, tmp_path / "absent.sock", "tcp://10.77.0.12", 5.0)
+    assert not result.finished
+    assert "absent.sock" in result.error
+
+
+def test_resume_through_socket_needs_uri_host(tmp_path):
+    result = faults.resume_postcopy_through_socket(OwnedDomain(), tmp_path / "q.sock", "tcp://", 5.0)
+    assert not result.finished
+    assert "no host" in result.error
+
+
+def test_resume_refuses_foreign_domain(tmp_path):
+    dom = OwnedDomain(name="someone-else")
+    with pytest.raises(faults.LabError, match="ownership mark"):
+        faults.resume_postcopy_through_socket(dom, tmp_path / "q.sock", "tcp://10.77.0.12", 5.0)
+
+
+class OwnedDomain:
+    def __init__(self, name: str = "mlab-001-abcdef"):
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+    def metadata(self, kind, namespace):
+        return '<owner run="r1"/>'
