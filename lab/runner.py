@@ -34,7 +34,8 @@ from lab.hosts.shell import HostFile
 
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
 from lab.errors import ConfigError
-from lab.faults import FaultInjector, FaultTimeouts, domain_state, kill_leftover_qemu, resume_postcopy
+from lab.faults import (DESTINATION_KINDS, FaultInjector, FaultTimeouts, ShellStrikes, domain_state,
+                        fault_host_problems, kill_leftover_qemu, resume_postcopy)
 from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
                          migration_connections_argv)
 from lab.locking import experiment_lock
@@ -172,10 +173,9 @@ class ExperimentRunner:
         if flushing and self.access.local_lab is None:
             messages.append(f"strategy flushing needs storage both hosts share, which only the local lab "
                             f"has (scenarios {', '.join(flushing)})")
-        faulty = [scenario.scenario_id for scenario in scenarios if scenario.fault is not None]
-        if faulty and self.access.local_lab is None:
-            messages.append(f"faults need the local lab, whose namespaces the harness controls "
-                            f"(scenarios {', '.join(faulty)})")
+        faulty = [scenario for scenario in scenarios if scenario.fault is not None]
+        if faulty and self.access.choice.transport == "ssh":
+            messages += self._fault_problems(faulty)
         if messages:
             raise ConfigError("the hosts cannot run " + "; ".join(messages),
                               path=str(self.playbook.path or self.playbook.experiment), field="migration",
@@ -494,6 +494,32 @@ class ExperimentRunner:
 
     # -- faults --------------------------------------------------------------
 
+    def _fault_strikes(self) -> ShellStrikes | None:
+        """Return how faults reach inventory hosts over SSH, or None on the local lab's fast path."""
+        if self.access.choice.transport != "ssh":
+            return None
+        local_lab = self.access.local_lab
+        return ShellStrikes(
+            destination=self.destination_host.shell, destination_entry=self.destination_host.entry,
+            link_interface=self.destination_host.migration_interface, source=self.source_host.shell,
+            source_entry=self.source_host.entry, source_interface=self.source_host.migration_interface,
+            restart_daemon=(lambda: local_lab.up(hosts=self.playbook.lab.hosts)) if local_lab is not None else None)
+
+    def _fault_problems(self, scenarios: list[Scenario]) -> list[str]:
+        """Return what keeps the playbook's faults from striking on the inventory's hosts."""
+        kinds = {scenario.fault.kind for scenario in scenarios}
+        restart = self.access.local_lab is not None
+        problems = []
+        for host, host_kinds in ((self.destination_host, kinds & set(DESTINATION_KINDS)),
+                                 (self.source_host, kinds - set(DESTINATION_KINDS))):
+            try:
+                problems += fault_host_problems(host.shell, host.entry, host_kinds,
+                                                interface=host.migration_interface, restart_outside_systemd=restart)
+            except LabError as exc:
+                problems.append(f"checking host {host.name} for faults failed: {exc}")
+        where = self.access.inventory.path or self.access.choice.label
+        return [f"{problem} (inventory {where}, fault {', '.join(sorted(kinds))})" for problem in problems]
+
     def _fault_injector(self, scenario: Scenario, guest_name: str, dom) -> FaultInjector | None:
         if scenario.fault is None:
             return None
@@ -504,7 +530,7 @@ class ExperimentRunner:
             source_interface=self.source_host.migration_interface, guest_name=guest_name, source_domain=dom,
             timeouts=FaultTimeouts(settle_s=timeouts.fault_settle_s, abort_s=timeouts.fault_abort_s,
                                    recovery_s=timeouts.postcopy_recovery_s, restart_s=timeouts.daemon_restart_s),
-            hosts=self.playbook.lab.hosts)
+            hosts=self.playbook.lab.hosts, strikes=self._fault_strikes())
 
     def _undo_fault(self, injector: FaultInjector, warnings: list[str]) -> None:
         """Undo the fault and reconnect to a destination whose libvirtd was started again."""
@@ -585,7 +611,7 @@ class ExperimentRunner:
                                          f"({exc.get_error_message()}); starting it again")
         t = time.monotonic()
         try:
-            self.access.local_lab.up(hosts=self.playbook.lab.hosts)
+            injector.start_daemon()
         except LabError as exc:
             injector.report.steps.append(f"starting the destination's libvirtd again failed: {exc}")
             return
