@@ -261,27 +261,40 @@ print(pid)
 
 # Prints "name pid unit" of the daemon that serves qemu:///system (virtqemud
 # of the modular daemons, else libvirtd), with "-" for a daemon that runs
-# outside a systemd service, and with argv[1] == "kill" kills it with SIGKILL
-# first and waits until it is gone.
+# outside its own systemd service (NAME.service), and with argv[1] == "kill"
+# kills it with SIGKILL first and waits until it is gone. A daemon started by
+# hand from another service inherits that service's cgroup, so only its own
+# unit name counts.
 KILL_DAEMON_SCRIPT = r"""
 import os, signal, sys, time
-for name, pid_file in (("virtqemud", "/run/libvirt/virtqemud.pid"), ("libvirtd", "/run/libvirtd.pid")):
+
+def command_name(pid):
     try:
-        pid = int(open(pid_file).read().strip())
-        comm = open("/proc/%d/comm" % pid).read().strip()
-    except (OSError, ValueError):
-        continue
-    if comm == name:
-        break
-else:
-    print("no running virtqemud or libvirtd found from /run/libvirt/virtqemud.pid or /run/libvirtd.pid")
+        return open("/proc/%d/comm" % pid).read().strip()
+    except OSError:
+        return None
+
+def daemon():
+    for name in ("virtqemud", "libvirtd"):
+        try:
+            pid = int(open("/run/%s.pid" % name).read().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and command_name(pid) == name:
+            return name, pid
+        # Without a pid file, one process of that name in /proc is the daemon.
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and command_name(int(entry)) == name]
+        if len(pids) == 1:
+            return name, pids[0]
+    print("no running virtqemud or libvirtd found from /run/virtqemud.pid, /run/libvirtd.pid or /proc")
     sys.exit(3)
+
+name, pid = daemon()
 unit = "-"
 try:
     for line in open("/proc/%d/cgroup" % pid):
-        last = line.strip().rsplit("/", 1)[-1]
-        if last.endswith(".service"):
-            unit = last
+        if line.strip().rsplit("/", 1)[-1] == name + ".service":
+            unit = name + ".service"
 except OSError:
     pass
 if sys.argv[1] == "kill":

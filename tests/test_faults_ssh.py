@@ -25,7 +25,7 @@ def host(name: str = "b", *, address: str = "192.0.2.12", lab_address: str = "10
 
 
 class FakeShell:
-    """A host shell that records each command and answers from a table of (first words, result)."""
+    """A host shell that records each command and returns results from a table keyed by first words."""
 
     def __init__(self, name: str = "b", answers: dict[tuple[str, ...], CommandResult] | None = None):
         self.name = name
@@ -98,7 +98,8 @@ def test_link_up_cancels_armed_restore_once():
     assert shell.commands[0][4] == "3"
     fault_injector.poll(3.0, {}, False)
     assert shell.commands[2] == ["ip", "link", "set", "dev", "mig0", "up"]
-    assert shell.commands[3][:2] == ["sh", "-c"] and shell.commands[3][4] == "4242"
+    assert shell.commands[3][:2] == ["sh", "-c"]
+    assert shell.commands[3][4] == "4242"
     assert fault_injector.undo() == []
     assert len(shell.commands) == 4
 
@@ -196,7 +197,7 @@ def run_kill_qemu(pid_file: Path, mode: str) -> CommandResult:
     return run_local([sys.executable, "-c", KILL_QEMU_SCRIPT, "mlab-001-abc", str(pid_file), mode], timeout=30)
 
 
-def test_kill_qemu_script_finds_only_the_incoming_qemu_of_the_guest(qemus, tmp_path):
+def test_kill_qemu_script_finds_incoming_qemu(qemus, tmp_path):
     result = run_kill_qemu(tmp_path / "missing.pid", "check")
     assert result.returncode == 0, result.stdout
     assert int(result.stdout) == qemus["destination"].pid
@@ -221,7 +222,8 @@ def test_kill_qemu_script_refuses_two_candidates(qemus, tmp_path):
         result = run_kill_qemu(tmp_path / "missing.pid", "kill")
         assert result.returncode == 3
         assert "found 2 destination QEMU processes of guest mlab-001-abc" in result.stdout
-        assert twin.poll() is None and qemus["destination"].poll() is None
+        assert twin.poll() is None
+        assert qemus["destination"].poll() is None
     finally:
         twin.kill()
         twin.wait(timeout=10)
@@ -238,7 +240,7 @@ def test_link_down_rejected_when_ssh_uses_lab_address():
     assert "give host b an SSH address (address) on another network than its lab_address" in problem
 
 
-def test_link_down_rejected_when_ssh_replies_leave_through_the_bridge_of_the_cut_interface():
+def test_link_down_rejected_for_ssh_route_via_bridge():
     shell = FakeShell(answers={
         ("sh", "-c", 'echo "$SSH_CONNECTION"'): ok("192.0.2.1 50000 192.0.2.12 22\n"),
         ("ip", "-j", "link", "show"): ok('[{"ifname": "eth1", "master": "br0"}]'),
