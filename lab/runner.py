@@ -53,6 +53,8 @@ GUEST_ADDRESS_OFFSET = 100
 # Progress reports the guest must print on the destination before it counts as alive.
 REPORTS_AFTER_MIGRATION = 3
 REPORTS_BEFORE_MIGRATION = 2
+# Warning of a run that ended but whose files could not be written; resume runs it again.
+NOT_STORED = "not stored:"
 
 
 @dataclass
@@ -252,12 +254,36 @@ class ExperimentRunner:
 
     @staticmethod
     def _finished_runs(experiment_dir: Path) -> set[str]:
-        """Return the stored runs that resume skips: all but those cancelled by Ctrl-C."""
+        """Return the stored runs that resume skips: all but those cancelled by Ctrl-C or stored without data."""
         finished = set()
         for run_id in store.finished_run_ids(experiment_dir):
-            if store.load_record(experiment_dir / "runs" / run_id).outcome != "cancelled":
+            record = store.load_record(experiment_dir / "runs" / run_id)
+            if record.outcome != "cancelled" and not any(warning.startswith(NOT_STORED)
+                                                         for warning in record.warnings):
                 finished.add(run_id)
         return finished
+
+    def _store_failure(self, experiment_dir: Path, record: RunRecord, error: OSError) -> store.StoreError:
+        """Store a run whose files could not be written as a bare failed record, if that fits; return the error.
+
+        The bare record has no timeline, events or consoles, and resume runs it again.
+        """
+        runs_dir = experiment_dir / "runs"
+        reason = f"{error.strerror or error} (errno {error.errno})" if error.errno else str(error)
+        log.error("storing run %s in %s failed: %s", record.run_id, runs_dir, reason)
+        bare = record.model_copy(update={
+            "outcome": "failed",
+            "error": f"the run ended {record.outcome}, but storing it failed: {reason}",
+            "warnings": [*record.warnings, f"{NOT_STORED} {reason}; timeline, events and consoles are lost"]})
+        try:
+            store.write_run(experiment_dir, bare, make_timeline([]), [], {})
+            stored = f"; a record without its data marks run {record.run_id} as failed"
+        except OSError as again:
+            stored = f"; no record of run {record.run_id} fits either ({again.strerror or again})"
+        resume = f"migrlab run {self.playbook.path} --results {self.results_root} --resume"
+        return store.StoreError(
+            f"cannot store run {record.run_id} in {runs_dir}: {reason}{stored}. The runs stored before it are "
+            f"intact. Fix: {store.storage_fix(self.results_root, error)}, then resume with: {resume}")
 
     def _run_plan(self, plan, finished, experiment_dir: Path, summary: ExperimentSummary) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -274,7 +300,11 @@ class ExperimentRunner:
                 run_id = store.run_id(scenario, repetition)
                 progress.update(task, description=f"{run_id} ({index}/{len(todo)})")
                 record, timeline, events, files = self.run_one(scenario, repetition, index)
-                store.write_run(experiment_dir, record, timeline, events, files)
+                try:
+                    store.write_run(experiment_dir, record, timeline, events, files)
+                except OSError as exc:
+                    summary.outcomes[run_id] = "failed"
+                    raise self._store_failure(experiment_dir, record, exc) from exc
                 summary.outcomes[run_id] = record.outcome
                 log.info("run %s: %s", run_id, record.outcome)
                 progress.advance(task)
