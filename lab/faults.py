@@ -1,4 +1,4 @@
-"""Faults struck during a migration on the local lab, and the recovery after them.
+"""Faults struck during a migration, on the local lab or on inventory hosts, and the recovery after them.
 
 A fault is a playbook value (``migration.fault`` or ``matrix.fault``): a kind
 and one trigger. The migration's sampling loop calls :meth:`FaultInjector.poll`
@@ -21,6 +21,16 @@ bandwidth
     a token bucket of ``bandwidth_mib_s`` on the source's migration
     interface, which carries the migration stream (a qdisc shapes what an
     interface sends, and the destination sends only acknowledgements).
+
+On the local lab's fast path the injector reaches the namespaces directly.
+On the hosts of an inventory, reached over SSH, :class:`ShellStrikes` does
+the same through each host's shell, with ``sudo -n`` where the inventory
+sets ``sudo: true``. There link-down cuts the destination's migration
+interface after arming a detached restore on the host itself, so the link
+comes back even if the harness loses its SSH connection. kill-qemu kills
+the one QEMU whose command line names this run's guest and waits for an
+incoming migration. kill-libvirtd kills the daemon that serves
+qemu:///system (virtqemud or libvirtd) and starts it again with systemctl.
 
 Outcomes (:data:`FAULT_OUTCOMES`): ``completed``, ``source-running`` (the
 migration failed and the guest still runs on the source), ``postcopy-recovered``
@@ -56,6 +66,7 @@ from lab.hosts import shaping
 if TYPE_CHECKING:
     from lab.hosts.local import LocalLab
     from lab.hosts.shell import Shell
+    from lab.inventory import InventoryHost
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +228,321 @@ class FaultReport:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
+# -- faults through a host's shell ---------------------------------------------
+
+# Prints the pid of the destination QEMU of guest argv[1] and kills it with
+# SIGKILL, or with argv[3] == "check" only prints it. The libvirt pid file
+# argv[2] is tried first; without it, /proc is searched. A QEMU counts only
+# if its command line names the guest (guest=NAME) and waits for an incoming
+# migration (-incoming), which the source QEMU of the same guest never does.
+KILL_QEMU_SCRIPT = r"""
+import os, signal, sys, time
+name, pid_file, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+marker = ("guest=%s" % name).encode()
+
+def destination_qemu(pid):
+    try:
+        args = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\0")
+    except OSError:
+        return False
+    return (b"qemu" in os.path.basename(args[0]) and b"-incoming" in args
+            and any(arg == marker or arg.startswith(marker + b",") for arg in args))
+
+pids = []
+try:
+    pids = [int(open(pid_file).read().strip())]
+except (OSError, ValueError):
+    pass
+pids = [pid for pid in pids if destination_qemu(pid)]
+if not pids:
+    pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and destination_qemu(int(entry))]
+if len(pids) != 1:
+    print("found %d destination QEMU processes of guest %s (pid file %s)" % (len(pids), name, pid_file))
+    sys.exit(3)
+pid = pids[0]
+if mode == "kill":
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+print(pid)
+"""
+
+# Prints "name pid unit" of the daemon that serves qemu:///system (virtqemud
+# of the modular daemons, else libvirtd), with "-" for a daemon that runs
+# outside its own systemd service (NAME.service), and with argv[1] == "kill"
+# kills it with SIGKILL first and waits until it is gone. A daemon started by
+# hand from another service inherits that service's cgroup, so only its own
+# unit name counts.
+KILL_DAEMON_SCRIPT = r"""
+import os, signal, sys, time
+
+def command_name(pid):
+    try:
+        return open("/proc/%d/comm" % pid).read().strip()
+    except OSError:
+        return None
+
+def daemon():
+    for name in ("virtqemud", "libvirtd"):
+        try:
+            pid = int(open("/run/%s.pid" % name).read().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and command_name(pid) == name:
+            return name, pid
+        # Without a pid file, one process of that name in /proc is the daemon.
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and command_name(int(entry)) == name]
+        if len(pids) == 1:
+            return name, pids[0]
+    print("no running virtqemud or libvirtd found from /run/virtqemud.pid, /run/libvirtd.pid or /proc")
+    sys.exit(3)
+
+name, pid = daemon()
+unit = "-"
+try:
+    for line in open("/proc/%d/cgroup" % pid):
+        if line.strip().rsplit("/", 1)[-1] == name + ".service":
+            unit = name + ".service"
+except OSError:
+    pass
+if sys.argv[1] == "kill":
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+print(name, pid, unit)
+"""
+
+# Starts a detached process that sets interface $2 up after $1 seconds and
+# prints its pid, which is also its process group. setsid puts it in a session
+# of its own, so it outlives the SSH session that started it.
+ARM_RESTORE_SCRIPT = ('setsid sh -c \'sleep "$1"; ip link set dev "$2" up\' "$0" "$1" "$2" '
+                      '</dev/null >/dev/null 2>&1 & echo $!')
+# Kills the process group of an armed restore, if its pid still runs one.
+CANCEL_RESTORE_SCRIPT = ('grep -q "$0" "/proc/$1/cmdline" 2>/dev/null && kill -s TERM -- "-$1"; exit 0')
+RESTORE_NAME = "migrlab-link-restore"
+# Tools each fault kind runs on the host it strikes.
+FAULT_TOOLS = {"link-down": ("ip", "setsid", "sleep", "grep", "kill"), "kill-qemu": ("python3",),
+               "kill-libvirtd": ("python3", "systemctl"), "bandwidth": ("tc",)}
+# Fault kinds that strike the destination; bandwidth shapes the source.
+DESTINATION_KINDS = ("link-down", "kill-qemu", "kill-libvirtd")
+SYSTEM_PID_DIR = "/run/libvirt/qemu"
+
+
+def privileged(argv: list[str], sudo: bool) -> list[str]:
+    """Return *argv*, run through ``sudo -n`` (never asking for a password) when *sudo* is set."""
+    return ["sudo", "-n", "--", *argv] if sudo else list(argv)
+
+
+def missing_tools(shell: "Shell", tools: list[str] | tuple[str, ...]) -> list[str]:
+    """Return the tools of *tools* that the host's PATH, /usr/sbin and /sbin lack."""
+    script = ('PATH="$PATH:/usr/sbin:/sbin"; for tool in "$@"; do command -v "$tool" >/dev/null 2>&1 '
+              '|| echo "$tool"; done')
+    result = shell.run(["sh", "-c", script, "sh", *tools], timeout=COMMAND_TIMEOUT_S, check=False)
+    return result.stdout.split()
+
+
+def privilege_problem(shell: "Shell", entry: "InventoryHost") -> str | None:
+    """Return why the SSH user of *entry* cannot run the faults' root commands, or None."""
+    uid = shell.run(["id", "-u"], timeout=COMMAND_TIMEOUT_S, check=False).stdout.strip()
+    if uid == "0":
+        return None
+    if not entry.sudo:
+        return (f"user {entry.user} on host {entry.name} is not root, and faults need root for ip, kill, tc "
+                f"and systemctl; log in as root, or set sudo: true for host {entry.name} in the inventory and "
+                "allow the user password-less sudo")
+    result = shell.run(["sudo", "-n", "true"], timeout=COMMAND_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        return (f"'sudo -n true' as {entry.user} on host {entry.name} failed: "
+                f"{(result.stderr or result.stdout).strip() or f'exit status {result.returncode}'}; allow the "
+                "user password-less sudo (a NOPASSWD line in /etc/sudoers.d), or log in as root")
+    return None
+
+
+def link_down_problem(shell: "Shell", entry: "InventoryHost", interface: str) -> str | None:
+    """Return why cutting *interface* on *entry* would also cut the harness's SSH connection, or None.
+
+    The inventory must reach the host over SSH at another address than its
+    lab address, and the host's SSH replies must leave through another
+    interface than the one link-down cuts (or the bridge it is a port of).
+    """
+    fix = (f"give host {entry.name} an SSH address (address) on another network than its lab_address, and "
+           "let migration_interface name the interface of the lab network only")
+    if entry.address == entry.lab_address:
+        return (f"link-down would cut the SSH connection to host {entry.name}: its SSH address {entry.address} "
+                f"is its lab_address, which carries the migration; {fix}")
+    connection = shell.run(["sh", "-c", 'echo "$SSH_CONNECTION"'], timeout=COMMAND_TIMEOUT_S,
+                           check=False).stdout.split()
+    if len(connection) < 3:
+        return None
+    client = connection[0]
+    cut = {interface}
+    try:
+        link = json.loads(shell.run(["ip", "-j", "link", "show", "dev", interface], timeout=COMMAND_TIMEOUT_S,
+                                    check=False).stdout or "[]")
+        cut.update(str(entry_["master"]) for entry_ in link if entry_.get("master"))
+        route = json.loads(shell.run(["ip", "-j", "route", "get", client], timeout=COMMAND_TIMEOUT_S,
+                                     check=False).stdout or "[]")
+    except json.JSONDecodeError:
+        return None
+    devices = {str(hop.get("dev")) for hop in route}
+    if devices & cut:
+        return (f"link-down would cut the SSH connection to host {entry.name}: its replies to the harness "
+                f"({client}) leave through {', '.join(sorted(devices & cut))}, the interface that link-down "
+                f"cuts; {fix}")
+    return None
+
+
+def fault_host_problems(shell: "Shell", entry: "InventoryHost", kinds: set[str] | list[str], *, interface: str,
+                        restart_outside_systemd: bool = False) -> list[str]:
+    """Return what keeps the fault *kinds* from striking on one inventory host, each with its fix.
+
+    *kinds* are those that strike on this host (link-down, kill-qemu and
+    kill-libvirtd on the destination, bandwidth on the source); *interface*
+    is the host's migration interface. With *restart_outside_systemd*, a
+    daemon that runs outside systemd is fine (the local lab starts it).
+    """
+    kinds = sorted(set(kinds))
+    if not kinds:
+        return []
+    problems = []
+    problem = privilege_problem(shell, entry)
+    if problem:
+        problems.append(problem)
+    needed = sorted({tool for kind in kinds for tool in FAULT_TOOLS[kind]})
+    missing = missing_tools(shell, needed)
+    if "kill-libvirtd" in kinds and "systemctl" in missing and restart_outside_systemd:
+        missing.remove("systemctl")
+    if missing:
+        users = ", ".join(kind for kind in kinds if set(FAULT_TOOLS[kind]) & set(missing))
+        problems.append(f"host {entry.name} lacks {', '.join(missing)}, which the faults {users} run; install "
+                        "them (iproute2, util-linux, procps, python3, systemd)")
+    if "link-down" in kinds:
+        problem = link_down_problem(shell, entry, interface)
+        if problem:
+            problems.append(problem)
+    if "kill-libvirtd" in kinds and entry.local_libvirt_uri != "qemu:///system":
+        problems.append(f"kill-libvirtd on host {entry.name} needs libvirt_uri qemu:///system, not "
+                        f"{entry.local_libvirt_uri}; a session daemon is the user's own, which the harness does not "
+                        "kill")
+    elif "kill-libvirtd" in kinds and "python3" not in missing and not problems:
+        strikes = ShellStrikes(destination=shell, destination_entry=entry, link_interface=interface, source=shell,
+                               source_entry=entry, source_interface=interface)
+        try:
+            name, pid, unit = strikes.describe_daemon()
+        except HostError as error:
+            problems.append(f"{error}; kill-libvirtd needs the daemon of qemu:///system running")
+        else:
+            if unit == "-" and not restart_outside_systemd:
+                problems.append(f"{name} (pid {pid}) of host {entry.name} runs outside a systemd service, so the "
+                                f"harness could not start it again after kill-libvirtd; run it as "
+                                f"{name}.service, or remove the kill-libvirtd fault")
+    return problems
+
+
+class ShellStrikes:
+    """Strike and undo faults on the hosts of an inventory, through their shells.
+
+    *destination* and *source* are the hosts' shells (SSH on real hosts),
+    *link_interface* the destination interface that link-down cuts,
+    *source_interface* the one a bandwidth fault shapes. *restart_daemon*
+    starts a killed daemon again when it ran outside systemd (the local lab's
+    own libvirtd); otherwise ``systemctl start`` does.
+    """
+
+    def __init__(self, *, destination: "Shell", destination_entry: "InventoryHost", link_interface: str,
+                 source: "Shell", source_entry: "InventoryHost", source_interface: str,
+                 restart_daemon: Any = None):
+        self.destination = destination
+        self.destination_entry = destination_entry
+        self.link_interface = link_interface
+        self.source = source
+        self.source_entry = source_entry
+        self.source_interface = source_interface
+        self.restart_daemon = restart_daemon
+        self._restore_pid: int | None = None
+        self._daemon: tuple[str, int, str] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.destination_entry.name
+
+    def _run(self, argv: list[str], *, check: bool = True):
+        return self.destination.run(privileged(argv, self.destination_entry.sudo), timeout=COMMAND_TIMEOUT_S,
+                                    check=check)
+
+    def arm_restore(self, after_s: float) -> int:
+        """Start a process on the destination that brings the link up after *after_s*; return its pid."""
+        result = self._run(["sh", "-c", ARM_RESTORE_SCRIPT, RESTORE_NAME, f"{after_s:g}", self.link_interface])
+        try:
+            self._restore_pid = int(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise HostError(f"arming the link restore on host {self.host} printed {result.stdout!r}, "
+                            "expected a pid") from None
+        return self._restore_pid
+
+    def cancel_restore(self) -> None:
+        if self._restore_pid is not None:
+            self._run(["sh", "-c", CANCEL_RESTORE_SCRIPT, RESTORE_NAME, str(self._restore_pid)], check=False)
+            self._restore_pid = None
+
+    def set_link(self, up: bool) -> None:
+        self._run(["ip", "link", "set", "dev", self.link_interface, "up" if up else "down"])
+        if up:
+            self.cancel_restore()
+
+    def kill_qemu(self, guest_name: str) -> int:
+        result = self._run(["python3", "-c", KILL_QEMU_SCRIPT, guest_name, f"{SYSTEM_PID_DIR}/{guest_name}.pid",
+                            "kill"], check=False)
+        if result.returncode != 0:
+            raise HostError(f"no destination QEMU of {guest_name} killed on host {self.host}: "
+                            f"{(result.stdout or result.stderr).strip()}")
+        return int(result.stdout.split()[-1])
+
+    def describe_daemon(self) -> tuple[str, int, str]:
+        """Return the name, pid and systemd unit ("-" for none) of the destination's libvirt daemon."""
+        return self._daemon_script("check")
+
+    def _daemon_script(self, mode: str) -> tuple[str, int, str]:
+        result = self._run(["python3", "-c", KILL_DAEMON_SCRIPT, mode], check=False)
+        fields = result.stdout.split()
+        if result.returncode != 0 or len(fields) != 3:
+            raise HostError(f"libvirt daemon of host {self.host}: {(result.stdout or result.stderr).strip()}")
+        return fields[0], int(fields[1]), fields[2]
+
+    def kill_daemon(self) -> tuple[str, int, str]:
+        name, pid, unit = self._daemon_script("kill")
+        self._daemon = (name, pid, unit)
+        return name, pid, unit
+
+    def start_daemon(self) -> str:
+        """Start the killed daemon again; return how."""
+        name, _pid, unit = self._daemon or self.describe_daemon()
+        if unit != "-":
+            self._run(["systemctl", "start", unit])
+            self._daemon = None
+            return f"systemctl start {unit}"
+        if self.restart_daemon is not None:
+            self.restart_daemon()
+            self._daemon = None
+            return "the local lab started it"
+        raise HostError(f"{name} of host {self.host} ran outside a systemd service, so the harness cannot start "
+                        f"it again; start it by hand, and run it as a systemd service")
+
+    def shape(self, rate_mib_s: int) -> None:
+        shaping.shape(self._source_shell(), self.source_interface, rate_mib_s)
+
+    def unshape(self) -> None:
+        shaping.unshape(self._source_shell(), self.source_interface)
+
+    def _source_shell(self) -> "Shell":
+        if not self.source_entry.sudo:
+            return self.source
+        from lab.hosts.remote import SudoShell
+        return SudoShell(self.source)
+
+
 # Verdicts of poll() for the sampling loop.
 CONTINUE = None
 ABORT = "abort"
@@ -224,16 +550,18 @@ GIVE_UP = "give-up"
 
 
 class FaultInjector:
-    """Strike one fault on the local lab during a migration, and undo it afterwards.
+    """Strike one fault during a migration, and undo it afterwards.
 
+    On the local lab's fast path it reaches the namespaces of *lab*; with
+    *strikes* it acts through the shells of inventory hosts instead.
     ``poll`` runs in the sampling loop and never blocks for longer than one
     command. ``undo`` is idempotent and brings the lab back: link up,
     shaping removed, libvirtd running on the destination.
     """
 
-    def __init__(self, spec: FaultSpec, lab: "LocalLab", *, source_host: str, destination_host: str,
+    def __init__(self, spec: FaultSpec, lab: "LocalLab | None", *, source_host: str, destination_host: str,
                  source_shell: "Shell", source_interface: str, guest_name: str, source_domain: libvirt.virDomain,
-                 timeouts: FaultTimeouts, hosts: int = 2):
+                 timeouts: FaultTimeouts, hosts: int = 2, strikes: ShellStrikes | None = None):
         self.spec = spec
         self.lab = lab
         self.source_host = source_host
@@ -244,6 +572,7 @@ class FaultInjector:
         self.source_domain = source_domain
         self.timeouts = timeouts
         self.hosts = hosts
+        self.strikes = strikes
         self.report = FaultReport(kind=spec.kind, trigger=spec.trigger)
         self._triggered_at: float | None = None
         self._link_down = False
@@ -297,11 +626,14 @@ class FaultInjector:
                 pid = self._kill_qemu()
                 report.steps.append(f"{now_s:.1f} s: SIGKILL to the destination QEMU, pid {pid}")
             elif self.spec.kind == "kill-libvirtd":
-                pid = self._kill_libvirtd()
-                report.steps.append(f"{now_s:.1f} s: SIGKILL to libvirtd of {self.destination_host}, pid {pid}")
+                name, pid = self._kill_libvirtd()
+                report.steps.append(f"{now_s:.1f} s: SIGKILL to {name} of {self.destination_host}, pid {pid}")
             else:
                 self._shaped = True
-                shaping.shape(self.source_shell, self.source_interface, int(self.spec.bandwidth_mib_s))
+                if self.strikes is not None:
+                    self.strikes.shape(int(self.spec.bandwidth_mib_s))
+                else:
+                    shaping.shape(self.source_shell, self.source_interface, int(self.spec.bandwidth_mib_s))
                 report.steps.append(f"{now_s:.1f} s: {self.source_interface} of {self.source_host} "
                                     f"shaped to {self.spec.bandwidth_mib_s} MiB/s")
         except (LabError, OSError) as exc:
@@ -339,21 +671,42 @@ class FaultInjector:
 
     # -- actions --------------------------------------------------------------
 
+    @property
+    def link_name(self) -> str:
+        return self.strikes.link_interface if self.strikes is not None else HOST_LINK
+
+    def safety_restore_s(self) -> float:
+        """Seconds after the cut at which the host brings the link up by itself, without the harness."""
+        if self.spec.restore_after_s is not None:
+            return self.spec.restore_after_s
+        return self.timeouts.settle_s + self.timeouts.abort_s + 2 * COMMAND_TIMEOUT_S
+
     def _set_link(self, *, up: bool, now_s: float | None = None) -> None:
         state = "up" if up else "down"
+        when = f"{now_s:.1f} s: " if now_s is not None else ""
+        if self.strikes is not None and not up:
+            # Armed before the cut, so the link comes back even if the harness loses the host.
+            after_s = self.safety_restore_s()
+            pid = self.strikes.arm_restore(after_s)
+            self.report.steps.append(f"{when}restore armed on {self.destination_host}: link "
+                                     f"{self.link_name} up after {after_s:g} s without the harness (pid {pid})")
         if not up:
             self._link_down = True
-        self.lab.exec(self.destination_host, ["ip", "link", "set", HOST_LINK, state], timeout=COMMAND_TIMEOUT_S)
+        if self.strikes is not None:
+            self.strikes.set_link(up)
+        else:
+            self.lab.exec(self.destination_host, ["ip", "link", "set", HOST_LINK, state], timeout=COMMAND_TIMEOUT_S)
         if up:
             self._link_down = False
             self.report.restored_at_s = now_s
-        when = f"{now_s:.1f} s: " if now_s is not None else ""
-        self.report.steps.append(f"{when}link {HOST_LINK} of {self.destination_host} set {state}")
+        self.report.steps.append(f"{when}link {self.link_name} of {self.destination_host} set {state}")
 
     def qemu_pid_file(self) -> Path:
         return self.lab.outside_path(self.destination_host, f"/run/libvirt/qemu/{self.guest_name}.pid")
 
     def _kill_qemu(self) -> int:
+        if self.strikes is not None:
+            return self.strikes.kill_qemu(self.guest_name)
         path = self.qemu_pid_file()
         try:
             pid = int(path.read_text().strip())
@@ -369,7 +722,11 @@ class FaultInjector:
         os.kill(pid, signal.SIGKILL)
         return pid
 
-    def _kill_libvirtd(self) -> int:
+    def _kill_libvirtd(self) -> tuple[str, int]:
+        if self.strikes is not None:
+            self._libvirtd_killed = True
+            name, pid, _unit = self.strikes.kill_daemon()
+            return name, pid
         path = self.lab.host_dir(self.destination_host) / "run" / "libvirtd.pid"
         try:
             pid = int(path.read_text().strip())
@@ -384,13 +741,20 @@ class FaultInjector:
         self._libvirtd_killed = True
         os.kill(pid, signal.SIGKILL)
         _wait_gone(pid, KILL_WAIT_S)
-        return pid
+        return "libvirtd", pid
 
     # -- afterwards ------------------------------------------------------------
 
     @property
     def libvirtd_killed(self) -> bool:
         return self._libvirtd_killed
+
+    def start_daemon(self) -> str:
+        """Start the destination's libvirt daemon again; return how. Raises LabError."""
+        if self.strikes is not None:
+            return self.strikes.start_daemon()
+        self.lab.up(hosts=self.hosts)
+        return "the local lab started it"
 
     def undo(self) -> list[str]:
         """Bring the link up, remove the shaping and restart a killed libvirtd; return the errors.
@@ -403,20 +767,25 @@ class FaultInjector:
                 try:
                     self._set_link(up=True)
                 except LabError as exc:
-                    errors.append(f"bringing the link up failed: {exc}")
+                    later = (f"; the host sets it up by itself {self.safety_restore_s():g} s after the cut"
+                             if self.strikes is not None else "")
+                    errors.append(f"bringing the link up failed: {exc}{later}")
             if self._shaped:
                 try:
-                    shaping.unshape(self.source_shell, self.source_interface)
+                    if self.strikes is not None:
+                        self.strikes.unshape()
+                    else:
+                        shaping.unshape(self.source_shell, self.source_interface)
                     self._shaped = False
                 except LabError as exc:
                     errors.append(f"removing the shaping failed: {exc}")
             if self._libvirtd_killed:
                 t = time.monotonic()
                 try:
-                    self.lab.up(hosts=self.hosts)
+                    how = self.start_daemon()
                     self._libvirtd_killed = False
                     self.report.steps.append(f"libvirtd of {self.destination_host} started again in "
-                                             f"{time.monotonic() - t:.1f} s")
+                                             f"{time.monotonic() - t:.1f} s ({how})")
                 except LabError as exc:
                     errors.append(f"starting libvirtd of {self.destination_host} again failed: {exc}")
         for error in errors:

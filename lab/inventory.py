@@ -80,6 +80,9 @@ class InventoryHost(BaseModel):
     lab_address: str
     # Interface that carries lab_address, found on the host when not given.
     migration_interface: str | None = None
+    # Run the root commands of faults (ip, kill, tc, systemctl) through
+    # 'sudo -n', for an SSH user that is not root.
+    sudo: bool = False
 
     @property
     def is_libvirt_host(self) -> bool:

@@ -34,8 +34,9 @@ from lab.hosts.shell import HostFile
 
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
 from lab.errors import ConfigError
-from lab.faults import (LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, domain_state, kill_leftover_qemu,
-                        resume_postcopy_through_socket, wait_for_migrated_guest)
+from lab.faults import (DESTINATION_KINDS, LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, ShellStrikes,
+                        domain_state, fault_host_problems, kill_leftover_qemu, resume_postcopy_through_socket,
+                        wait_for_migrated_guest)
 from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
                          migration_connections_argv)
 from lab.locking import experiment_lock
@@ -53,6 +54,8 @@ GUEST_ADDRESS_OFFSET = 100
 # Progress reports the guest must print on the destination before it counts as alive.
 REPORTS_AFTER_MIGRATION = 3
 REPORTS_BEFORE_MIGRATION = 2
+# Warning of a run that ended but whose files could not be written; resume runs it again.
+NOT_STORED = "not stored:"
 
 
 @dataclass
@@ -173,10 +176,9 @@ class ExperimentRunner:
         if flushing and self.access.local_lab is None:
             messages.append(f"strategy flushing needs storage both hosts share, which only the local lab "
                             f"has (scenarios {', '.join(flushing)})")
-        faulty = [scenario.scenario_id for scenario in scenarios if scenario.fault is not None]
-        if faulty and self.access.local_lab is None:
-            messages.append(f"faults need the local lab, whose namespaces the harness controls "
-                            f"(scenarios {', '.join(faulty)})")
+        faulty = [scenario for scenario in scenarios if scenario.fault is not None]
+        if faulty and self.access.choice.transport == "ssh":
+            messages += self._fault_problems(faulty)
         if messages:
             raise ConfigError("the hosts cannot run " + "; ".join(messages),
                               path=str(self.playbook.path or self.playbook.experiment), field="migration",
@@ -253,12 +255,36 @@ class ExperimentRunner:
 
     @staticmethod
     def _finished_runs(experiment_dir: Path) -> set[str]:
-        """Return the stored runs that resume skips: all but those cancelled by Ctrl-C."""
+        """Return the stored runs that resume skips: all but those cancelled by Ctrl-C or stored without data."""
         finished = set()
         for run_id in store.finished_run_ids(experiment_dir):
-            if store.load_record(experiment_dir / "runs" / run_id).outcome != "cancelled":
+            record = store.load_record(experiment_dir / "runs" / run_id)
+            if record.outcome != "cancelled" and not any(warning.startswith(NOT_STORED)
+                                                         for warning in record.warnings):
                 finished.add(run_id)
         return finished
+
+    def _store_failure(self, experiment_dir: Path, record: RunRecord, error: OSError) -> store.StoreError:
+        """Store a run whose files could not be written as a bare failed record, if that fits; return the error.
+
+        The bare record has no timeline, events or consoles, and resume runs it again.
+        """
+        runs_dir = experiment_dir / "runs"
+        reason = f"{error.strerror or error} (errno {error.errno})" if error.errno else str(error)
+        log.error("storing run %s in %s failed: %s", record.run_id, runs_dir, reason)
+        bare = record.model_copy(update={
+            "outcome": "failed",
+            "error": f"the run ended {record.outcome}, but storing it failed: {reason}",
+            "warnings": [*record.warnings, f"{NOT_STORED} {reason}; timeline, events and consoles are lost"]})
+        try:
+            store.write_run(experiment_dir, bare, make_timeline([]), [], {})
+            stored = f"; a record without its data marks run {record.run_id} as failed"
+        except OSError as again:
+            stored = f"; no record of run {record.run_id} fits either ({again.strerror or again})"
+        resume = f"migrlab run {self.playbook.path} --results {self.results_root} --resume"
+        return store.StoreError(
+            f"cannot store run {record.run_id} in {runs_dir}: {reason}{stored}. The runs stored before it are "
+            f"intact. Fix: {store.storage_fix(self.results_root, error)}, then resume with: {resume}")
 
     def _run_plan(self, plan, finished, experiment_dir: Path, summary: ExperimentSummary) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -275,7 +301,11 @@ class ExperimentRunner:
                 run_id = store.run_id(scenario, repetition)
                 progress.update(task, description=f"{run_id} ({index}/{len(todo)})")
                 record, timeline, events, files = self.run_one(scenario, repetition, index)
-                store.write_run(experiment_dir, record, timeline, events, files)
+                try:
+                    store.write_run(experiment_dir, record, timeline, events, files)
+                except OSError as exc:
+                    summary.outcomes[run_id] = "failed"
+                    raise self._store_failure(experiment_dir, record, exc) from exc
                 summary.outcomes[run_id] = record.outcome
                 log.info("run %s: %s", run_id, record.outcome)
                 progress.advance(task)
@@ -495,6 +525,32 @@ class ExperimentRunner:
 
     # -- faults --------------------------------------------------------------
 
+    def _fault_strikes(self) -> ShellStrikes | None:
+        """Return how faults reach inventory hosts over SSH, or None on the local lab's fast path."""
+        if self.access.choice.transport != "ssh":
+            return None
+        local_lab = self.access.local_lab
+        return ShellStrikes(
+            destination=self.destination_host.shell, destination_entry=self.destination_host.entry,
+            link_interface=self.destination_host.migration_interface, source=self.source_host.shell,
+            source_entry=self.source_host.entry, source_interface=self.source_host.migration_interface,
+            restart_daemon=(lambda: local_lab.up(hosts=self.playbook.lab.hosts)) if local_lab is not None else None)
+
+    def _fault_problems(self, scenarios: list[Scenario]) -> list[str]:
+        """Return what keeps the playbook's faults from striking on the inventory's hosts."""
+        kinds = {scenario.fault.kind for scenario in scenarios}
+        restart = self.access.local_lab is not None
+        problems = []
+        for host, host_kinds in ((self.destination_host, kinds & set(DESTINATION_KINDS)),
+                                 (self.source_host, kinds - set(DESTINATION_KINDS))):
+            try:
+                problems += fault_host_problems(host.shell, host.entry, host_kinds,
+                                                interface=host.migration_interface, restart_outside_systemd=restart)
+            except LabError as exc:
+                problems.append(f"checking host {host.name} for faults failed: {exc}")
+        where = self.access.inventory.path or self.access.choice.label
+        return [f"{problem} (inventory {where}, fault {', '.join(sorted(kinds))})" for problem in problems]
+
     def _fault_injector(self, scenario: Scenario, guest_name: str, dom) -> FaultInjector | None:
         if scenario.fault is None:
             return None
@@ -505,7 +561,7 @@ class ExperimentRunner:
             source_interface=self.source_host.migration_interface, guest_name=guest_name, source_domain=dom,
             timeouts=FaultTimeouts(settle_s=timeouts.fault_settle_s, abort_s=timeouts.fault_abort_s,
                                    recovery_s=timeouts.postcopy_recovery_s, restart_s=timeouts.daemon_restart_s),
-            hosts=self.playbook.lab.hosts)
+            hosts=self.playbook.lab.hosts, strikes=self._fault_strikes())
 
     def _undo_fault(self, injector: FaultInjector, warnings: list[str]) -> None:
         """Undo the fault and reconnect to a destination whose libvirtd was started again."""
@@ -589,7 +645,7 @@ class ExperimentRunner:
                                          f"({exc.get_error_message()}); starting it again")
         t = time.monotonic()
         try:
-            self.access.local_lab.up(hosts=self.playbook.lab.hosts)
+            injector.start_daemon()
         except LabError as exc:
             injector.report.steps.append(f"starting the destination's libvirtd again failed: {exc}")
             return

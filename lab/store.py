@@ -300,9 +300,25 @@ def write_run(experiment_dir: str | Path, record: RunRecord, timeline_df: pd.Dat
 
     if experiment.get("environment") is None:
         experiment["environment"] = record.environment.model_dump(mode="json")
-        _replace_file(experiment_dir / EXPERIMENT_FILE, json.dumps(experiment, indent=2).encode())
+        try:
+            _replace_file(experiment_dir / EXPERIMENT_FILE, json.dumps(experiment, indent=2).encode())
+        except OSError as exc:
+            # The run is stored; the next write_run() fills in the environment.
+            log.warning("run %s is stored, but adding the environment to %s failed: %s", record.run_id,
+                        experiment_dir / EXPERIMENT_FILE, exc)
     log.info("stored run %s (%s) in %s", record.run_id, record.outcome, final)
     return final
+
+
+def storage_fix(folder: Path, error: OSError) -> str:
+    """Return what the user can do about *error* when writing into *folder*."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on the file system of {folder} (see: df -h {folder}), or give another results folder"
+    if error.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system; give another results folder"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"let this user write {folder}, or give another results folder"
+    return f"check the file system of {folder}, or give another results folder"
 
 
 def finished_run_ids(experiment_dir: str | Path) -> set[str]:

@@ -1,10 +1,12 @@
 """Preflight checks of the hosts of an inventory, run on every host in parallel over SSH.
 
-Each libvirt host gets seven checks: SSH login with the pinned host key,
+Each libvirt host gets eight checks: SSH login with the pinned host key,
 libvirt and QEMU versions, an accelerator proven by booting the guest image,
 userfaultfd (which postcopy needs on the destination), free memory for the
-guest, the clock offset to the harness's machine, and the guest image with
-the same checksums as here. A client host gets the SSH and clock checks only.
+guest, the clock offset to the harness's machine, the guest image with
+the same checksums as here, and the tools and privileges of the playbook's
+faults (on the destination for link-down, kill-qemu and kill-libvirtd, on
+the source for bandwidth). A client host gets the SSH and clock checks only.
 
 Each check ends as ok, warn, fail or skip (when an earlier check failed).
 A playbook decides which checks it needs: userfaultfd only for strategies
@@ -28,8 +30,10 @@ from lab import domain
 from lab.accel import READY_MARK, choose_accelerator
 from lab.capabilities import Requirement, scenario_requirements
 from lab.environment import version_string
-from lab.errors import HostError, LabError
+from lab.errors import ConfigError, HostError, LabError
+from lab.faults import DESTINATION_KINDS, fault_host_problems
 from lab.guest.image import GuestImage, kernel_cmdline
+from lab.hosts.access import detect_interface
 from lab.hosts.image_push import image_missing, local_checksums, remote_paths
 from lab.hosts.remote import HostKeyChangedError, RemoteHost, fingerprint
 from lab.hosts.shell import HostFile
@@ -40,7 +44,7 @@ from lab.playbook import Playbook
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "warn", "fail", "skip"]
-CHECKS = ("ssh", "libvirt", "accelerator", "userfaultfd", "memory", "clock", "image")
+CHECKS = ("ssh", "libvirt", "accelerator", "userfaultfd", "memory", "clock", "image", "faults")
 CLIENT_CHECKS = ("ssh", "clock")
 
 # The harness uses migrate3 parameters of libvirt 9.0 and was run with 9.0 and 11.3.
@@ -123,6 +127,8 @@ class Requirements:
     # (label, requirement) of each strategy and option the scenarios use, such as "strategy postcopy".
     features: tuple[tuple[str, Requirement], ...] = ()
     accelerator: str = "auto"
+    # Fault kinds that the playbook strikes, such as "link-down".
+    faults: tuple[str, ...] = ()
 
     @classmethod
     def from_playbook(cls, playbook: Playbook | None, accelerator: str = "auto") -> Requirements:
@@ -135,7 +141,8 @@ class Requirements:
             features.update(scenario_requirements(scenario.values()))
         return cls(memory_mib=max(scenario.memory_mib for scenario in scenarios),
                    postcopy=any(requirement.needs_userfaultfd for requirement in features.values()),
-                   features=tuple(features.items()), accelerator=accelerator)
+                   features=tuple(features.items()), accelerator=accelerator,
+                   faults=tuple(sorted({scenario.fault.kind for scenario in scenarios if scenario.fault})))
 
 
 def _ok(summary: str, detail: str | None = None) -> CheckResult:
@@ -298,6 +305,29 @@ def check_image(remote: RemoteHost, inventory: Inventory, image: GuestImage,
     return _ok("ok", f"image {image.digest[:12]} in {remote_paths(inventory, image)['vmlinuz'].rsplit('/', 1)[0]}")
 
 
+def check_faults(remote: RemoteHost, inventory: Inventory, requirements: Requirements) -> CheckResult:
+    """Check the tools and privileges of the faults that strike on this host, and the SSH path for link-down."""
+    try:
+        source, destination = inventory.migration_hosts()
+    except ConfigError:
+        return _ok("no migration", "the inventory has fewer than two libvirt hosts")
+    kinds = set(requirements.faults)
+    if remote.host.name == destination.name:
+        kinds &= set(DESTINATION_KINDS)
+    elif remote.host.name == source.name:
+        kinds -= set(DESTINATION_KINDS)
+    else:
+        kinds = set()
+    if not kinds:
+        return _ok("none", "no fault of the playbook strikes on this host")
+    entry = remote.host
+    interface = entry.migration_interface or detect_interface(remote, entry.lab_address)
+    problems = fault_host_problems(remote, entry, kinds, interface=interface)
+    if problems:
+        return _fail("not ready", "; ".join(problems))
+    return _ok(", ".join(sorted(kinds)), f"tools and privileges present on {interface}")
+
+
 def _probe_spec(host: InventoryHost, inventory: Inventory, image: GuestImage, accelerator: str) -> domain.GuestSpec:
     paths = remote_paths(inventory, image)
     name = f"{domain.NAME_PREFIX}preflight-{host.name}-{secrets.token_hex(3)}"
@@ -387,6 +417,7 @@ def _check_libvirt_host(report: HostReport, remote: RemoteHost, inventory: Inven
     results["memory"] = _guarded(lambda: check_memory(remote, requirements))
     results["userfaultfd"] = _guarded(lambda: check_userfaultfd(remote, requirements))
     results["image"] = _guarded(lambda: check_image(remote, inventory, image, expected))
+    results["faults"] = _guarded(lambda: check_faults(remote, inventory, requirements))
     try:
         conn = remote.open_libvirt()
     except (HostError, libvirt.libvirtError) as error:

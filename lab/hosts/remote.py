@@ -344,3 +344,23 @@ class RemoteHost:
                                  LIBVIRT_OPEN_TIMEOUT, f"opening libvirt on {self.name}")
         except HostError as error:
             raise HostError(f"libvirt on {self.describe()}: {error}") from error
+
+
+class SudoShell:
+    """A host's shell whose commands run through ``sudo -n``, which fails rather than ask for a password."""
+
+    def __init__(self, shell):
+        self.shell = shell
+        self.name = shell.name
+
+    def run(self, argv: Sequence[str], *, timeout: float, check: bool = True) -> CommandResult:
+        return self.shell.run(["sudo", "-n", "--", *argv], timeout=timeout, check=check)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        return self.shell.read_bytes(path)
+
+    def remove(self, path: str) -> None:
+        self.shell.remove(path)
+
+    def stream(self, argv: Sequence[str]) -> LineStream:
+        return self.shell.stream(["sudo", "-n", "--", *argv])
