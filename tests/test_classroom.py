@@ -370,3 +370,32 @@ def test_questions_faults_must_be_boolean(tmp_path):
     with pytest.raises(ConfigError, match="faults must be true or false"):
         load_exercise(tmp_path)
 
+
+FAULT_FIXTURE = Path(__file__).parent / "fixtures" / "classroom" / "class-postcopy"
+
+
+@pytest.fixture
+def fault_results(tmp_path):
+    """A copy of exercise 3's stored runs with a cut link, so that the runs cache is written outside the repository."""
+    target = tmp_path / FAULT_FIXTURE.name
+    shutil.copytree(FAULT_FIXTURE, target)
+    return target
+
+
+@pytest.mark.parametrize("lang", ["es", "en"])
+def test_key_reports_fault_outcomes(fault_results, lang):
+    records = [record for record in _records(fault_results) if record["fault"] is not None]
+    spec = load_exercise("03-postcopy")
+    number = next(index for index, question in enumerate(spec.questions, start=1) if question.faults)
+    key = answer_key("03-postcopy", fault_results, lang=lang)
+    assert records
+    for record in records:
+        row = _table_row(key, number, record["run_id"])
+        assert row[1] == record["fault"]["kind"]
+        assert row[5] == record["outcome"]
+        assert row[6] == record["fault"]["outcome"]
+    plain = [record["run_id"] for record in _records(fault_results) if record["fault"] is None]
+    assert plain
+    for run_id in plain:
+        with pytest.raises(AssertionError, match="no row"):
+            _table_row(key, number, run_id)
