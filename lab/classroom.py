@@ -10,6 +10,9 @@ postcopy, precopy does not converge when L >= 1.
 An exercise is a folder under playbooks/classroom with playbook.yaml, the
 two guides (guia.md in Spanish, guide.md in English) and questions.yaml, the
 machine-readable list of questions that the guides and the answer key share.
+A wheel ships these folders as package data under lab/exercises
+(pyproject.toml maps the package lab.exercises to playbooks/classroom), so
+the exercises are found in an installed package as in the source tree.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,11 @@ from lab.store import load_runs
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-CLASSROOM_DIR = Path(__file__).resolve().parent.parent / "playbooks" / "classroom"
+# The exercises in a source checkout; an installed wheel has them under lab/exercises.
+SOURCE_CLASSROOM_DIR = Path(__file__).resolve().parent.parent / "playbooks" / "classroom"
+PACKAGE_DATA_DIR = "exercises"
+# The files of an exercise folder, in the order `migrlab exercise copy` lists them.
+EXERCISE_FILES = ("playbook.yaml", "guide.md", "guia.md", "questions.yaml")
 LANGUAGES = ("es", "en")
 
 # QEMU's default maximum downtime (migrate-set-parameters downtime-limit), used
@@ -67,6 +76,8 @@ METRICS: dict[str, dict[str, str]] = {
     "transferred_mib": {"es": "memoria enviada (MiB)", "en": "memory sent (MiB)"},
     "iterations": {"es": "rondas", "en": "rounds"},
     "postcopy_requests": {"es": "peticiones postcopy", "en": "postcopy requests"},
+    "postcopy_blocktime_ms": {"es": "vCPU bloqueada esperando páginas (ms)",
+                              "en": "vCPU blocked waiting for pages (ms)"},
     "guest_slowdown_pct": {"es": "ralentización del guest (%)", "en": "guest slowdown (%)"},
     "stream_survived_pct": {"es": "conexiones TCP que sobreviven (%)", "en": "TCP connections that survive (%)"},
     "stream_max_stall_ms": {"es": "pausa máxima de la conexión TCP (ms)", "en": "longest TCP stall (ms)"},
@@ -101,6 +112,17 @@ _TEXT = {
         "not_converging": "no converge",
         "converges": "converge",
         "means": "Medias por escenario de las ejecuciones completadas.",
+        "faults_note": ("Una fila por ejecución con fallo, tal como la guarda record.json (sección fault). "
+                        "Resultado del fallo: completed (la migración terminó), source-running (la migración "
+                        "falló y el guest sigue en la fuente), postcopy-recovered (postcopy se pausó y la "
+                        "recuperación la terminó), guest-lost (ningún host ejecuta el guest), not-struck (la "
+                        "migración terminó antes del disparo)."),
+        "no_faults": "Ninguna ejecución de estos resultados tuvo un fallo.",
+        "fault_columns": {"run_id": "ejecución", "fault_kind": "fallo", "fault_trigger": "disparo",
+                          "fault_struck_at_s": "ocurrió a los (s)", "fault_in_postcopy": "en postcopy",
+                          "outcome": "resultado de la ejecución", "fault_outcome": "resultado del fallo",
+                          "fault_recovered": "recuperado", "client_downtime_ms": "corte visto por el cliente (ms)"},
+        "yes": "sí", "no": "no",
     },
     "en": {
         "title": "Answer key", "results": "Results", "runs": "runs",
@@ -114,6 +136,17 @@ _TEXT = {
         "not_converging": "does not converge",
         "converges": "converges",
         "means": "Means per scenario of the completed runs.",
+        "faults_note": ("One row per run with a fault, as record.json stores it (its fault section). "
+                        "Fault outcome: completed (the migration finished), source-running (the migration "
+                        "failed and the guest still runs on the source), postcopy-recovered (postcopy was "
+                        "paused and recovery finished it), guest-lost (no host runs the guest), not-struck "
+                        "(the migration ended before the trigger)."),
+        "no_faults": "No run of these results had a fault.",
+        "fault_columns": {"run_id": "run", "fault_kind": "fault", "fault_trigger": "trigger",
+                          "fault_struck_at_s": "struck at (s)", "fault_in_postcopy": "in postcopy",
+                          "outcome": "run outcome", "fault_outcome": "fault outcome",
+                          "fault_recovered": "recovered", "client_downtime_ms": "outage seen by the client (ms)"},
+        "yes": "yes", "no": "no",
     },
 }
 
@@ -188,12 +221,12 @@ def stop_and_copy_model(memory_bytes: float, rate_bytes_s: float) -> ModelPredic
 def scenario_prediction(scenario: dict[str, Any]) -> ModelPrediction | None:
     """Return the model's prediction for a scenario's settings, or None where it does not apply.
 
-    The model applies to precopy and stop-and-copy with a known rate (a
-    bandwidth cap or a shaped link) and a set dirty rate (0 means "as fast as
-    the guest can", which the model cannot know).
+    The model applies to precopy and stop-and-copy without a fault, with a
+    known rate (a bandwidth cap or a shaped link) and a set dirty rate (0
+    means "as fast as the guest can", which the model cannot know).
     """
     strategy = scenario.get("strategy")
-    if strategy not in MODEL_STRATEGIES:
+    if strategy not in MODEL_STRATEGIES or _present(scenario.get("fault")):
         return None
     rates = [value for value in (scenario.get("bandwidth_mib_s"), scenario.get("link_rate_mib_s"))
              if _present(value)]
@@ -212,53 +245,85 @@ def scenario_prediction(scenario: dict[str, Any]) -> ModelPrediction | None:
 
 
 def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    """Return whether a table cell contains a value: not None, NaN or pandas' NA."""
+    if value is None:
+        return False
+    try:
+        return not bool(pd.isna(value))
+    except (TypeError, ValueError):
+        # pd.isna of a list or array returns an array: a value is there.
+        return True
 
 
 # -- exercises -----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Question:
-    """One question of an exercise, with its text per language and the figures its answer needs."""
+    """One question of an exercise, with its text per language and the figures its answer needs.
+
+    With ``faults`` set, the key adds the table of the runs that had a fault,
+    one row per run, with the fault's outcome from the records.
+    """
 
     question_id: str
     text: dict[str, str]
     metrics: tuple[str, ...]
     model: tuple[str, ...]
+    faults: bool = False
 
 
 @dataclass(frozen=True)
 class Exercise:
     name: str
-    folder: Path
+    folder: Traversable
     title: dict[str, str]
     questions: tuple[Question, ...]
 
 
-def list_exercises(root: Path = CLASSROOM_DIR) -> list[str]:
-    """Return the names of the exercise folders under root, sorted."""
+def classroom_root(package: str = "lab") -> Traversable:
+    """Return the folder that contains the exercises.
+
+    That is the package data folder ``exercises`` of *package* when it exists
+    (an installed wheel), else playbooks/classroom of the source tree.
+    """
+    packaged = resources.files(package).joinpath(PACKAGE_DATA_DIR)
+    if packaged.is_dir():
+        return packaged
+    return SOURCE_CLASSROOM_DIR
+
+
+def list_exercises(root: Traversable | None = None) -> list[str]:
+    """Return the names of the exercise folders under root (default classroom_root()), sorted."""
+    root = classroom_root() if root is None else root
     if not root.is_dir():
         return []
-    return sorted(path.name for path in root.iterdir() if (path / "questions.yaml").is_file())
+    return sorted(path.name for path in root.iterdir() if path.joinpath("questions.yaml").is_file())
 
 
-def exercise_folder(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Path:
-    """Return the folder of an exercise given by name or path; raise ConfigError when there is none."""
+def exercise_folder(exercise: str | Path, root: Traversable | None = None) -> Traversable:
+    """Return the folder of an exercise given by name or path; raise ConfigError when there is none.
+
+    A name of an exercise in root comes first, then a path to a folder with
+    questions.yaml.
+    """
+    root = classroom_root() if root is None else root
+    name = str(exercise)
+    if "/" not in name and name not in (".", ".."):
+        candidate = root.joinpath(name)
+        if candidate.joinpath("questions.yaml").is_file():
+            return candidate
     path = Path(exercise)
     if (path / "questions.yaml").is_file():
         return path
-    candidate = root / str(exercise)
-    if (candidate / "questions.yaml").is_file():
-        return candidate
-    raise ConfigError(f"exercise {exercise!r} not found", value=str(exercise),
+    raise ConfigError(f"exercise {name!r} not found", value=name,
                       fix=f"Use one of: {', '.join(list_exercises(root)) or '(none)'}, "
                           f"or the path of a folder with questions.yaml")
 
 
-def load_exercise(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Exercise:
+def load_exercise(exercise: str | Path, root: Traversable | None = None) -> Exercise:
     """Read and check questions.yaml of an exercise."""
     folder = exercise_folder(exercise, root)
-    path = folder / "questions.yaml"
+    path = folder.joinpath("questions.yaml")
     try:
         data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except (OSError, YAMLError) as exc:
@@ -272,7 +337,8 @@ def load_exercise(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Exercise:
         where = f"questions[{index}]"
         if not isinstance(item, dict) or "id" not in item:
             raise ConfigError("question needs an id and a text for es and en", path=str(path), field=where,
-                              fix="Write each question as a mapping with id, es, en and optional metrics and model")
+                              fix="Write each question as a mapping with id, es, en and optional metrics, "
+                                  "model and faults")
         metrics = tuple(item.get("metrics") or ())
         model = tuple(item.get("model") or ())
         for name in metrics:
@@ -284,11 +350,42 @@ def load_exercise(exercise: str | Path, root: Path = CLASSROOM_DIR) -> Exercise:
                 raise ConfigError("model figure not predicted or not among the metrics", path=str(path),
                                   field=f"{where}.model", value=name,
                                   fix=f"Use metrics of this question among: {', '.join(MODEL_METRICS)}")
-        questions.append(Question(str(item["id"]), _texts(item, path, where), metrics, model))
+        faults = item.get("faults", False)
+        if not isinstance(faults, bool):
+            raise ConfigError("faults must be true or false", path=str(path), field=f"{where}.faults",
+                              value=str(faults), fix="Write faults: true to list the runs that had a fault")
+        questions.append(Question(str(item["id"]), _texts(item, path, where), metrics, model, faults))
     return Exercise(folder.name, folder, title, tuple(questions))
 
 
-def _texts(item: Any, path: Path, where: str) -> dict[str, str]:
+def copy_exercise(exercise: str | Path, target: Path, *, overwrite: bool = False) -> list[Path]:
+    """Write the files of an exercise (EXERCISE_FILES) into the folder target; return the paths written.
+
+    The folder is created when missing. Raises ConfigError when a file exists
+    there and overwrite is false, before anything is written.
+    """
+    folder = exercise_folder(exercise)
+    sources = [folder.joinpath(name) for name in EXERCISE_FILES]
+    missing = [name for name, source in zip(EXERCISE_FILES, sources) if not source.is_file()]
+    if missing:
+        raise ConfigError(f"exercise {folder.name!r} has no {', '.join(missing)}", path=str(folder),
+                          fix="Reinstall the package, or copy from a folder with every exercise file")
+    if target.exists() and not target.is_dir():
+        raise ConfigError("not a folder", path=str(target), fix="Give the path of a folder to write into")
+    existing = [target / name for name in EXERCISE_FILES if (target / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists", path=str(target),
+                          fix="Choose an empty folder, or pass --force to overwrite the exercise files")
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, source in zip(EXERCISE_FILES, sources):
+        destination = target / name
+        destination.write_bytes(source.read_bytes())
+        written.append(destination)
+    return written
+
+
+def _texts(item: Any, path: Traversable, where: str) -> dict[str, str]:
     if not isinstance(item, dict) or not all(isinstance(item.get(lang), str) for lang in LANGUAGES):
         raise ConfigError(f"needs a text for each language: {', '.join(LANGUAGES)}", path=str(path),
                           field=where)
@@ -394,6 +491,8 @@ def answer_key(exercise: str | Path, results_dir: str | Path, lang: str = "es") 
 
     for number, question in enumerate(spec.questions, start=1):
         lines += [f"## {text['question']} {number}", "", question.text[lang], ""]
+        if question.faults:
+            lines += fault_table(runs, lang)
         if not question.metrics:
             continue
         means = scenario_means(runs, question.metrics)
@@ -445,3 +544,36 @@ def _model_table(predictions: dict[str, ModelPrediction | None], settings: dict[
                      f"{state} |")
     lines.append("")
     return lines
+
+
+def fault_table(runs: pd.DataFrame, lang: str) -> list[str]:
+    """Return the Markdown lines of the runs that had a fault: one row per run, with the fault's outcome."""
+    text = _TEXT[lang]
+    if "fault_kind" not in runs or not runs["fault_kind"].notna().any():
+        return [text["no_faults"], ""]
+    columns = text["fault_columns"]
+    lines = [text["faults_note"], "", "| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    faulty = runs[runs["fault_kind"].notna()].sort_values("run_id")
+    for _, row in faulty.iterrows():
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if column == "run_id":
+                cells.append(f"`{value}`")
+            elif column in ("fault_in_postcopy", "fault_recovered"):
+                cells.append(_yes_no(value, lang))
+            elif column == "fault_struck_at_s":
+                cells.append("—" if not _present(value) else f"{float(value):.1f}")
+            elif column == "client_downtime_ms":
+                cells.append(_format(float(value)) if _present(value) else "—")
+            else:
+                cells.append("—" if not _present(value) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _yes_no(value: Any, lang: str) -> str:
+    if not _present(value):
+        return "—"
+    return _TEXT[lang]["yes"] if bool(value) else _TEXT[lang]["no"]

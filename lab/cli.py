@@ -393,7 +393,7 @@ def plot_timeline_command(run_dir: Path, out_path: Path | None) -> None:
 
 @main.group("exercise")
 def exercise_group() -> None:
-    """Classroom exercises under playbooks/classroom and their answer keys."""
+    """Classroom exercises (playbooks/classroom, shipped in the package) and their answer keys."""
 
 
 @exercise_group.command("list")
@@ -404,6 +404,21 @@ def exercise_list() -> None:
     for name in list_exercises():
         exercise = load_exercise(name)
         click.echo(f"{name}\t{exercise.title['en']}")
+
+
+@exercise_group.command("copy")
+@click.argument("exercise")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite exercise files that already exist in TARGET.")
+def exercise_copy(exercise: str, target: Path, force: bool) -> None:
+    """Write the playbook, guides and questions of EXERCISE into the folder TARGET."""
+    from lab.classroom import copy_exercise, load_exercise
+
+    spec = load_exercise(exercise)
+    for path in copy_exercise(exercise, target, overwrite=force):
+        click.echo(f"wrote {path}")
+    click.echo(f"run it with: migrlab run {target / 'playbook.yaml'}")
+    click.echo(f"answer key:  migrlab exercise key {spec.name} RESULTS_DIR")
 
 
 @exercise_group.command("key")

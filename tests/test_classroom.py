@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from lab.classroom import (CLASSROOM_DIR, DERIVED_METRICS, EXTRA_ITERATIONS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB,
-                           METRICS, MIB, answer_key, list_exercises, load_exercise, precopy_model, predicted_value,
-                           relative_difference, scenario_means, scenario_prediction, stop_and_copy_model)
+from lab.classroom import (DERIVED_METRICS, EXTRA_ITERATIONS, FLAG_THRESHOLD, GUEST_RESIDENT_MIB, METRICS, MIB,
+                           SOURCE_CLASSROOM_DIR, answer_key, fault_table, list_exercises, load_exercise,
+                           precopy_model, predicted_value, relative_difference, scenario_means,
+                           scenario_prediction, stop_and_copy_model)
 from lab.cli import main
 from lab.errors import ConfigError
 from lab.playbook import load_playbook
@@ -41,7 +42,7 @@ def test_six_exercises_listed():
 
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_playbook_validates_within_budget(exercise):
-    playbook = load_playbook(CLASSROOM_DIR / exercise / "playbook.yaml")
+    playbook = load_playbook(SOURCE_CLASSROOM_DIR / exercise / "playbook.yaml")
     runs = len(playbook.scenarios()) * playbook.repetitions
     assert runs <= MAX_RUNS
     assert playbook.experiment.startswith("class-")
@@ -60,7 +61,7 @@ def _numbered_items(text: str, heading: str) -> list[str]:
 
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_guides_have_same_sections(exercise):
-    folder = CLASSROOM_DIR / exercise
+    folder = SOURCE_CLASSROOM_DIR / exercise
     spanish = (folder / "guia.md").read_text(encoding="utf-8")
     english = (folder / "guide.md").read_text(encoding="utf-8")
     assert _headings(spanish) == _headings(english)
@@ -69,7 +70,7 @@ def test_guides_have_same_sections(exercise):
 
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_guides_list_the_questions(exercise):
-    folder = CLASSROOM_DIR / exercise
+    folder = SOURCE_CLASSROOM_DIR / exercise
     spec = load_exercise(exercise)
     spanish = (folder / "guia.md").read_text(encoding="utf-8")
     english = (folder / "guide.md").read_text(encoding="utf-8")
@@ -79,7 +80,7 @@ def test_guides_list_the_questions(exercise):
 
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_guides_state_command_and_runs(exercise):
-    folder = CLASSROOM_DIR / exercise
+    folder = SOURCE_CLASSROOM_DIR / exercise
     playbook = load_playbook(folder / "playbook.yaml")
     runs = len(playbook.scenarios()) * playbook.repetitions
     for name, word in (("guia.md", "ejecuciones"), ("guide.md", "runs")):
@@ -327,3 +328,74 @@ def test_scenario_means_flushing_uses_save_file():
     means = scenario_means(runs, ["transferred_mib"]).set_index("scenario_id")
     assert means.loc["flushing", "transferred_mib"] == pytest.approx(131)
     assert means.loc["precopy", "transferred_mib"] == pytest.approx(150)
+
+
+def test_fault_table_one_row_per_run():
+    runs = pd.DataFrame({
+        "run_id": ["postcopy-fault-r1", "precopy-r1", "precopy-fault-r1"],
+        "scenario_id": ["postcopy-fault", "precopy", "precopy-fault"],
+        "outcome": ["failed", "completed", "failed"],
+        "fault_kind": ["link-down", None, "link-down"],
+        "fault_trigger": ["progress 50%", None, "progress 50%"],
+        "fault_struck_at_s": [4.26, math.nan, 3.0],
+        "fault_in_postcopy": [True, None, False],
+        "fault_outcome": ["guest-lost", None, "source-running"],
+        "fault_recovered": [False, None, None],
+        "client_downtime_ms": [5079.06, 12.0, math.nan],
+    })
+    lines = fault_table(runs, "en")
+    rows = [line for line in lines if line.startswith("| `")]
+    assert rows == [
+        "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | yes | failed | guest-lost | no | 5079 |",
+        "| `precopy-fault-r1` | link-down | progress 50% | 3.0 | no | failed | source-running | — | — |",
+    ]
+    spanish = fault_table(runs, "es")
+    assert "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | sí | failed | guest-lost | no | 5079 |" in spanish
+
+
+def test_fault_table_without_faults(results):
+    assert fault_table(load_runs(results), "en") == ["No run of these results had a fault.", ""]
+
+
+def test_prediction_none_for_fault_scenario():
+    scenario = {"strategy": "precopy", "bandwidth_mib_s": 20, "working_set_mib": 64, "dirty_rate_mib_s": 4,
+                "downtime_limit_ms": 300}
+    assert scenario_prediction(scenario) is not None
+    assert scenario_prediction({**scenario, "fault": "link-down-p50"}) is None
+
+
+def test_questions_faults_must_be_boolean(tmp_path):
+    (tmp_path / "questions.yaml").write_text(
+        "title: {es: a, en: b}\nquestions:\n  - id: q\n    es: x\n    en: y\n    faults: sometimes\n")
+    with pytest.raises(ConfigError, match="faults must be true or false"):
+        load_exercise(tmp_path)
+
+
+FAULT_FIXTURE = Path(__file__).parent / "fixtures" / "classroom" / "class-postcopy"
+
+
+@pytest.fixture
+def fault_results(tmp_path):
+    """A copy of exercise 3's stored runs with a cut link, so that the runs cache is written outside the repository."""
+    target = tmp_path / FAULT_FIXTURE.name
+    shutil.copytree(FAULT_FIXTURE, target)
+    return target
+
+
+@pytest.mark.parametrize("lang", ["es", "en"])
+def test_key_reports_fault_outcomes(fault_results, lang):
+    records = [record for record in _records(fault_results) if record["fault"] is not None]
+    spec = load_exercise("03-postcopy")
+    number = next(index for index, question in enumerate(spec.questions, start=1) if question.faults)
+    key = answer_key("03-postcopy", fault_results, lang=lang)
+    assert records
+    for record in records:
+        row = _table_row(key, number, record["run_id"])
+        assert row[1] == record["fault"]["kind"]
+        assert row[5] == record["outcome"]
+        assert row[6] == record["fault"]["outcome"]
+    plain = [record["run_id"] for record in _records(fault_results) if record["fault"] is None]
+    assert plain
+    for run_id in plain:
+        with pytest.raises(AssertionError, match="no row"):
+            _table_row(key, number, run_id)

@@ -7,7 +7,7 @@ import json
 import pytest
 from ruamel.yaml import YAML
 
-from lab.classroom import CLASSROOM_DIR, answer_key, load_exercise
+from lab.classroom import SOURCE_CLASSROOM_DIR, answer_key, load_exercise
 from lab.playbook import load_playbook
 from lab.runner import ExperimentRunner
 
@@ -20,7 +20,7 @@ EXERCISE = "05-what-moves"
 def experiment(shared_lab, guest_image, tmp_path_factory):
     folder = tmp_path_factory.mktemp("classroom")
     yaml = YAML()
-    document = yaml.load((CLASSROOM_DIR / EXERCISE / "playbook.yaml").read_text(encoding="utf-8"))
+    document = yaml.load((SOURCE_CLASSROOM_DIR / EXERCISE / "playbook.yaml").read_text(encoding="utf-8"))
     # One repetition of each of the three strategies keeps the test near 2 minutes.
     document["repetitions"] = 1
     playbook_path = folder / "playbook.yaml"
