@@ -307,10 +307,11 @@ def plan(playbook: Path, output_format: str) -> None:
 
     book = load_playbook(playbook)
     the_plan = make_plan(book)
-    rows = the_plan.rows()
     if output_format == "csv":
-        click.echo(pd.DataFrame(rows).convert_dtypes().to_csv(index=False), nl=False)
+        click.echo(pd.DataFrame(the_plan.rows()).convert_dtypes().to_csv(index=False), nl=False)
         return
+    # The scenario ids show the values of the matrix keys, so the table leaves those columns out.
+    rows = the_plan.rows(with_matrix_keys=False)
     common = ", ".join(f"{name} {value}" for name, value in the_plan.common_values().items())
     console.print(f"all scenarios: {common}", highlight=False)
     headers = {"memory_mib": "memory MiB", "working_set_mib": "ws MiB", "dirty_rate_mib_s": "dirty MiB/s",

@@ -45,13 +45,14 @@ class Plan:
         """Sum of max_time_s over all runs, the limit on the total time of the migration phases."""
         return sum(planned.scenario.max_time_s for planned in self.scenarios) * self.playbook.repetitions
 
-    def varying_fields(self) -> list[str]:
-        """Return the shown scenario fields whose value differs between scenarios and that the ids do not show."""
-        varying = [name for name in _SHOWN_FIELDS if self._differs(name)]
-        # Matrix ids start with the strategy when the matrix varies it first.
-        if all(p.scenario.scenario_id.startswith(p.scenario.strategy) for p in self.scenarios):
-            varying = [name for name in varying if name != "strategy"]
-        return varying
+    def varying_fields(self, *, with_matrix_keys: bool = True) -> list[str]:
+        """Return the shown scenario fields whose value differs between scenarios.
+
+        Without *with_matrix_keys*, the fields the matrix varies are left out,
+        because the scenario ids already show their values.
+        """
+        return [name for name in _SHOWN_FIELDS
+                if self._differs(name) and (with_matrix_keys or name not in self.playbook.matrix)]
 
     def common_values(self) -> dict[str, str]:
         """Return the shown scenario fields that all scenarios share, with their values as text."""
@@ -62,12 +63,13 @@ class Plan:
     def _differs(self, name: str) -> bool:
         return len({_text(getattr(planned.scenario, name)) for planned in self.scenarios}) > 1
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, *, with_matrix_keys: bool = True) -> list[dict[str, Any]]:
         """Return one row per scenario: its id, the fields that vary, and the model's figures."""
+        fields = self.varying_fields(with_matrix_keys=with_matrix_keys)
         rows = []
         for planned in self.scenarios:
             row: dict[str, Any] = {"scenario": planned.scenario.scenario_id}
-            for name in self.varying_fields():
+            for name in fields:
                 value = getattr(planned.scenario, name)
                 row[name] = _text(value) if name == "fault" else value
             row.update(_model_figures(planned.prediction))

@@ -93,3 +93,10 @@ def test_plan_rejects_bad_playbook(tmp_path):
     assert result.exit_code == 1
     assert str(path) in result.output
     assert "migration.bandwidth_mib_s" in result.output
+
+
+def test_plan_table_leaves_matrix_keys_to_ids(playbook_path):
+    result = CliRunner().invoke(main, ["plan", str(playbook_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "precopy-rate40" in result.output
+    assert "dirty MiB/s" not in result.output
