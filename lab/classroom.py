@@ -78,9 +78,10 @@ METRICS: dict[str, dict[str, str]] = {
     "auto_converge_throttle_max_pct": {"es": "freno máximo de auto-converge (%)",
                                        "en": "highest auto-converge throttle (%)"},
     "save_ms": {"es": "tiempo de guardado (ms)", "en": "save time (ms)"},
+    "disk_copied_mib": {"es": "disco copiado (MiB)", "en": "disk copied (MiB)"},
     "restore_ms": {"es": "tiempo de restauración (ms)", "en": "restore time (ms)"},
 }
-DERIVED_METRICS = ("completed_pct", "transferred_mib", "stream_survived_pct")
+DERIVED_METRICS = ("completed_pct", "transferred_mib", "stream_survived_pct", "disk_copied_mib")
 # Measured metrics the model predicts. The guest's paused time (wall_downtime_ms,
 # from libvirt's lifecycle events) is the downtime to compare for stop-and-copy,
 # because that strategy pauses the guest before the migration starts and QEMU's
@@ -302,8 +303,9 @@ def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> 
 
     completed_pct and stream_survived_pct are shares over all runs of the
     scenario; transferred_mib is transferred_bytes in MiB, or the save file's
-    allocated size for flushing runs. Scenarios keep the
-    order of their first run.
+    allocated size for flushing runs; disk_copied_mib is disk_processed_bytes
+    in MiB, the guest disk that libvirt copied. Scenarios keep the order of
+    their first run.
     """
     frame = runs.copy()
     frame["completed_pct"] = (frame["outcome"] == "completed").astype(float) * 100
@@ -312,6 +314,8 @@ def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> 
     if "save_file_disk_bytes" in frame:
         moved = moved.fillna(pd.to_numeric(frame["save_file_disk_bytes"], errors="coerce"))
     frame["transferred_mib"] = moved / MIB
+    if "disk_processed_bytes" in frame:
+        frame["disk_copied_mib"] = pd.to_numeric(frame["disk_processed_bytes"], errors="coerce") / MIB
     if "stream_survived" in frame:
         survived = frame["stream_survived"].map(lambda value: float(value) if isinstance(value, bool)
                                                 else (float(value) if _present(value) else math.nan))
