@@ -228,7 +228,8 @@ class ExperimentRunner:
             return None
         local_lab = self.access.local_lab
         return disks.GuestDisk(scenario.disk_storage, scenario.disk_size_mib, guest_name, self.source_host,
-                               self.destination_host, shared_dir=local_lab.root / "shared" if local_lab else None)
+                               self.destination_host, shared_dir=local_lab.root / "shared" if local_lab else None,
+                               save_restore=scenario.strategy == "flushing")
 
     def _close(self) -> None:
         for conn in (getattr(self, "source", None), getattr(self, "destination", None)):
@@ -402,10 +403,10 @@ class ExperimentRunner:
                 if killed:
                     warnings.append(f"killed QEMU processes of {name} that libvirt no longer knew: "
                                     f"{', '.join(map(str, killed))}")
+            link.remove()
             if disk is not None:
                 # After the guest is gone, so that no QEMU holds the files.
                 disk_left = disk.remove()
-            link.remove()
 
         files = {}
         for host, path in ((self.source_host, source_console), (self.destination_host, destination_console)):

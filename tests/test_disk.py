@@ -324,6 +324,15 @@ def test_shared_disk_created_filled_and_removed(tmp_path):
     assert os.listdir(tmp_path / "shared") == []
 
 
+def test_flushing_disk_passes_no_unsafe_flag(tmp_path):
+    disk = disks.GuestDisk("shared", 8, "mlab-007-test", FakeHost("h1", LocalShell("h1")),
+                           FakeHost("h2", LocalShell("h2")), shared_dir=tmp_path, save_restore=True)
+    assert not disk.unsafe
+    record = disk.record("", "", [])
+    assert not record.unsafe_flag
+    assert record.unsafe_reason is None
+
+
 def test_disk_not_created_over_existing_file(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
