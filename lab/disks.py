@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # libvirt's default folder for disk images; the local lab binds a private
 # /var/lib/libvirt into each host, so each host has its own.
 LOCAL_IMAGES_DIR = "/var/lib/libvirt/images"
-# Folder below the local lab's shared folder that holds shared disks.
+# Folder below the local lab's shared folder that contains shared disks.
 SHARED_SUBDIR = "disks"
 # Byte the harness fills the source's disk with ("m").
 FILL_PATTERN = 0x6D
@@ -65,15 +65,15 @@ UNSAFE_REASON = ("the local lab's shared folder is on this machine's own filesys
 def lab_problems(scenarios: Sequence[tuple[str, int | None]], local_lab: bool) -> list[str]:
     """Return why the lab cannot run the scenarios' disks: (scenario id, disk size) pairs.
 
-    Disks need the local lab, whose hosts see one shared folder and whose
-    private folders the harness knows. Both of its transports work.
+    Disks need the local lab, because the harness creates its shared folder
+    and its hosts' private folders. Both of its transports work.
     """
     with_disk = [scenario_id for scenario_id, size_mib in scenarios if size_mib is not None]
     if with_disk and not local_lab:
         # NOTE: the local and copy modes would only need a shell on each server,
         # but they have not been tried on real servers, and shared needs a
         # folder that both servers mount.
-        return [f"guest disks need the local lab, whose shared and private folders the harness knows "
+        return [f"guest disks need the local lab, whose shared and private folders the harness creates "
                 f"(scenarios {', '.join(with_disk)})"]
     return []
 

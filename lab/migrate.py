@@ -32,6 +32,11 @@ downtime-steps
     precopy whose maximum downtime the sampling loop raises by
     downtime_step_ms, up to downtime_max_ms, whenever the remaining data has
     not reached a new low for downtime_step_after_s.
+
+A guest disk (lab.disks) adds to any strategy but flushing:
+VIR_MIGRATE_NON_SHARED_DISK for copy storage, so libvirt mirrors the disk
+over NBD before memory moves, and VIR_MIGRATE_UNSAFE for shared storage that
+libvirt does not recognize as shared. Local storage adds nothing.
 """
 
 from __future__ import annotations

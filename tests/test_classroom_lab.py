@@ -21,8 +21,8 @@ def experiment(shared_lab, guest_image, tmp_path_factory):
     folder = tmp_path_factory.mktemp("classroom")
     yaml = YAML()
     document = yaml.load((CLASSROOM_DIR / EXERCISE / "playbook.yaml").read_text(encoding="utf-8"))
-    # One repetition of each of the three strategies, with the disk copied, keeps the
-    # test near 2 minutes; test_disk_lab covers the shared and local storage modes.
+    # One repetition of each strategy, with the disk copied, keeps the test near 2 minutes.
+    # test_disk_lab covers the shared and local storage modes.
     document["repetitions"] = 1
     document["matrix"]["disk_storage"] = ["copy"]
     playbook_path = folder / "playbook.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from lab import disks, domain
+from lab.classroom import scenario_means
 from lab.errors import ConfigError, LabError, MigrationError
 from lab.guest.console import scan_console
 from lab.guest.image import kernel_cmdline
@@ -352,3 +354,17 @@ def test_disk_rejects_size_beyond_free_space(tmp_path):
         disk.create()
     assert disk.remove() == []
     assert not list((tmp_path / "shared").rglob("*.img"))
+
+
+def test_key_means_local_disk_runs():
+    runs = pd.DataFrame([
+        {"scenario_id": "precopy-disk-local", "outcome": "failed", "guest_alive": True, "transferred_bytes": None,
+         "disk_processed_bytes": None},
+        {"scenario_id": "precopy-disk-copy", "outcome": "completed", "guest_alive": True,
+         "transferred_bytes": 100 * 2**20, "disk_processed_bytes": 130 * 2**20},
+    ])
+    means = scenario_means(runs, ["completed_pct", "guest_alive_pct", "disk_copied_mib"]).set_index("scenario_id")
+    assert means.loc["precopy-disk-local", "completed_pct"] == 0
+    assert means.loc["precopy-disk-local", "guest_alive_pct"] == 100
+    assert math.isnan(means.loc["precopy-disk-local", "disk_copied_mib"])
+    assert means.loc["precopy-disk-copy", "disk_copied_mib"] == 130
