@@ -68,6 +68,7 @@ MODEL_STRATEGIES = ("precopy", "stop-and-copy")
 # are columns of lab.store.load_runs.
 METRICS: dict[str, dict[str, str]] = {
     "completed_pct": {"es": "migraciones completadas (%)", "en": "completed migrations (%)"},
+    "guest_alive_pct": {"es": "guest vivo tras la ejecución (%)", "en": "guest alive after the run (%)"},
     "downtime_ms": {"es": "tiempo de inactividad (ms)", "en": "downtime (ms)"},
     "wall_downtime_ms": {"es": "guest en pausa (ms)", "en": "guest paused (ms)"},
     "client_downtime_ms": {"es": "corte visto por el cliente (ms)", "en": "outage seen by the client (ms)"},
@@ -89,9 +90,10 @@ METRICS: dict[str, dict[str, str]] = {
     "auto_converge_throttle_max_pct": {"es": "freno máximo de auto-converge (%)",
                                        "en": "highest auto-converge throttle (%)"},
     "save_ms": {"es": "tiempo de guardado (ms)", "en": "save time (ms)"},
+    "disk_copied_mib": {"es": "disco copiado (MiB)", "en": "disk copied (MiB)"},
     "restore_ms": {"es": "tiempo de restauración (ms)", "en": "restore time (ms)"},
 }
-DERIVED_METRICS = ("completed_pct", "transferred_mib", "stream_survived_pct")
+DERIVED_METRICS = ("completed_pct", "guest_alive_pct", "transferred_mib", "stream_survived_pct", "disk_copied_mib")
 # Measured metrics the model predicts. The guest's paused time (wall_downtime_ms,
 # from libvirt's lifecycle events) is the downtime to compare for stop-and-copy,
 # because that strategy pauses the guest before the migration starts and QEMU's
@@ -397,18 +399,25 @@ def _texts(item: Any, path: Traversable, where: str) -> dict[str, str]:
 def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> pd.DataFrame:
     """Return one row per scenario with the mean of each metric over its completed runs.
 
-    completed_pct and stream_survived_pct are shares over all runs of the
-    scenario; transferred_mib is transferred_bytes in MiB, or the save file's
-    allocated size for flushing runs. Scenarios keep the
-    order of their first run.
+    completed_pct, guest_alive_pct and stream_survived_pct are shares over
+    all runs of the scenario. A guest is alive when it reported after the
+    migration: on the destination after a completed one, else on the source.
+    transferred_mib is transferred_bytes in MiB, or the save file's allocated
+    size for flushing runs. disk_copied_mib is disk_processed_bytes in MiB,
+    the guest disk that libvirt copied. Scenarios keep the order of their
+    first run.
     """
     frame = runs.copy()
     frame["completed_pct"] = (frame["outcome"] == "completed").astype(float) * 100
+    if "guest_alive" in frame:
+        frame["guest_alive_pct"] = frame["guest_alive"].astype("float64") * 100
     # A flushing run moves memory through its save file, whose allocated size is the bytes written.
     moved = pd.to_numeric(frame["transferred_bytes"], errors="coerce")
     if "save_file_disk_bytes" in frame:
         moved = moved.fillna(pd.to_numeric(frame["save_file_disk_bytes"], errors="coerce"))
     frame["transferred_mib"] = moved / MIB
+    if "disk_processed_bytes" in frame:
+        frame["disk_copied_mib"] = pd.to_numeric(frame["disk_processed_bytes"], errors="coerce") / MIB
     if "stream_survived" in frame:
         survived = frame["stream_survived"].map(lambda value: float(value) if isinstance(value, bool)
                                                 else (float(value) if _present(value) else math.nan))
@@ -420,7 +429,7 @@ def scenario_means(runs: pd.DataFrame, metrics: list[str] | tuple[str, ...]) -> 
         completed = group[group["outcome"] == "completed"]
         row: dict[str, Any] = {"scenario_id": scenario_id, "runs": len(group)}
         for name in metrics:
-            source = group if name in ("completed_pct", "stream_survived_pct") else completed
+            source = group if name in ("completed_pct", "guest_alive_pct", "stream_survived_pct") else completed
             values = pd.to_numeric(source[name], errors="coerce") if name in source else pd.Series(dtype=float)
             values = values.dropna()
             row[name] = float(values.mean()) if len(values) else math.nan

@@ -1,7 +1,8 @@
 """Removal of what an interrupted or killed harness left on the lab's hosts.
 
 Only domains with the harness's ownership mark are destroyed; any other
-domain is listed and left alone.
+domain is listed and left alone. Console logs and guest disk files are
+removed when their name starts with the harness's guest name prefix.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class CleanupReport:
 
 
 def clean_hosts(local_lab: LocalLab) -> CleanupReport:
-    """Destroy the harness's guests on every libvirt host of the lab and delete their console logs."""
+    """Destroy the harness's guests on every libvirt host of the lab and delete their console logs and disks."""
+    from lab.disks import LOCAL_IMAGES_DIR, SHARED_SUBDIR
+
     report = CleanupReport()
     for host in local_lab.hosts():
         if not host.is_libvirt_host:
@@ -56,4 +59,13 @@ def clean_hosts(local_lab: LocalLab) -> CleanupReport:
             for console in sorted((Path(host.log_dir) / "qemu").glob(f"{domain.NAME_PREFIX}*-console.log")):
                 console.unlink(missing_ok=True)
                 report.removed.append(f"console log {console}")
+        images = local_lab.outside_path(host.name, LOCAL_IMAGES_DIR)
+        _remove_disks(images, f" on {host.name}", report)
+    _remove_disks(local_lab.root / "shared" / SHARED_SUBDIR, "", report)
     return report
+
+
+def _remove_disks(folder: Path, where: str, report: CleanupReport) -> None:
+    for disk in sorted(folder.glob(f"{domain.NAME_PREFIX}*.img")):
+        disk.unlink(missing_ok=True)
+        report.removed.append(f"disk {disk}{where}")

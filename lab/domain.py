@@ -27,6 +27,30 @@ OWNER_PREFIX = "migrlab"
 # Console log path inside each host; every host binds its own private
 # /var/log/libvirt, so the same path names a different file on each host.
 CONSOLE_DIR = "/var/log/libvirt/qemu"
+# libvirt's cache modes that the harness uses for a guest disk: none (O_DIRECT)
+# where the filesystem allows it, else writeback.
+DISK_CACHE_MODES = ("none", "writeback")
+# The guest sees its disk as /dev/vda.
+DISK_TARGET = "vda"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """The guest's disk: a raw file that the guest sees as /dev/vda (virtio-blk).
+
+    ``cache`` is libvirt's cache mode. "none" opens the file with O_DIRECT,
+    which migration without copying needs, because the destination must not
+    read stale pages from a host page cache.
+    """
+
+    path: str
+    cache: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.cache not in DISK_CACHE_MODES:
+            raise LabError(f"disk cache mode {self.cache!r} is not one of {', '.join(DISK_CACHE_MODES)}")
+        if not self.path.startswith("/"):
+            raise LabError(f"disk path {self.path!r} must be absolute, as the host's QEMU opens it")
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,7 @@ class GuestSpec:
     bridge: str | None = "br0"
     mac: str | None = None
     nic_model: str = "e1000"
+    disk: DiskSpec | None = None
 
     @property
     def console_path(self) -> str:
@@ -56,7 +81,7 @@ def guest_mac(index: int) -> str:
 
 
 def domain_xml(spec: GuestSpec) -> str:
-    """Build the domain XML of a diskless guest booted from kernel and initramfs."""
+    """Build the domain XML of a guest booted from kernel and initramfs, with or without a disk."""
     if not spec.name.startswith(NAME_PREFIX):
         raise LabError(f"guest name {spec.name!r} must start with {NAME_PREFIX!r}")
     domain_type = "kvm" if spec.accelerator == "kvm" else "qemu"
@@ -95,6 +120,8 @@ def domain_xml(spec: GuestSpec) -> str:
     console = ET.SubElement(devices, "console", type="file")
     ET.SubElement(console, "source", path=spec.console_path)
     ET.SubElement(console, "target", type="serial", port="0")
+    if spec.disk is not None:
+        _add_disk(devices, spec.disk)
     if spec.bridge:
         interface = ET.SubElement(devices, "interface", type="bridge")
         ET.SubElement(interface, "source", bridge=spec.bridge)
@@ -106,6 +133,16 @@ def domain_xml(spec: GuestSpec) -> str:
 
     ET.register_namespace(OWNER_PREFIX, OWNER_NAMESPACE)
     return ET.tostring(root, encoding="unicode")
+
+
+def _add_disk(devices: ET.Element, disk: DiskSpec) -> None:
+    disk_element = ET.SubElement(devices, "disk", type="file", device="disk")
+    driver = ET.SubElement(disk_element, "driver", name="qemu", type="raw", cache=disk.cache)
+    if disk.cache == "none":
+        # Linux native AIO needs O_DIRECT, which cache=none gives.
+        driver.set("io", "native")
+    ET.SubElement(disk_element, "source", file=disk.path)
+    ET.SubElement(disk_element, "target", dev=DISK_TARGET, bus="virtio")
 
 
 def owner_run(dom: libvirt.virDomain) -> str | None:

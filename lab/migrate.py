@@ -32,6 +32,11 @@ downtime-steps
     precopy whose maximum downtime the sampling loop raises by
     downtime_step_ms, up to downtime_max_ms, whenever the remaining data has
     not reached a new low for downtime_step_after_s.
+
+A guest disk (lab.disks) adds to any strategy but flushing:
+VIR_MIGRATE_NON_SHARED_DISK for copy storage, so libvirt mirrors the disk
+over NBD before memory moves, and VIR_MIGRATE_UNSAFE for shared storage that
+libvirt does not recognize as shared. Local storage adds nothing.
 """
 
 from __future__ import annotations
@@ -126,12 +131,21 @@ class MigrationSettings:
     # A QMP socket that the destination QEMU opens for the harness, which
     # turns on postcopy-blocktime there; None leaves blocktime unmeasured.
     destination_qmp_socket: Path | None = None
+    # The guest disk's storage mode (shared, local or copy), None without a disk.
+    # copy adds VIR_MIGRATE_NON_SHARED_DISK: libvirt mirrors the disk to the
+    # destination's precreated file over NBD before the memory moves.
+    disk_storage: str | None = None
+    # VIR_MIGRATE_UNSAFE: set for a shared disk on a filesystem that libvirt does
+    # not recognize as shared (lab.disks decides and the run records it).
+    disk_unsafe: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise MigrationError(f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if self.strategy == "flushing" and self.save_dir is None:
             raise MigrationError("the flushing strategy needs save_dir, a folder both hosts see")
+        if self.disk_storage not in (None, "shared", "local", "copy"):
+            raise MigrationError(f"unknown disk storage {self.disk_storage!r}; expected shared, local or copy")
 
     @classmethod
     def from_values(cls, values: dict[str, object], **extra: object) -> MigrationSettings:
@@ -162,6 +176,10 @@ class MigrationSettings:
             flags |= libvirt.VIR_MIGRATE_PARALLEL
             if self.zerocopy:
                 flags |= libvirt.VIR_MIGRATE_ZEROCOPY
+        if self.disk_storage == "copy":
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        if self.disk_unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
         return flags
 
     def params(self) -> dict[str, object]:
@@ -318,6 +336,9 @@ def _sample(stats: dict[str, object], t_s: float, host: str) -> dict[str, object
         "postcopy_requests": stats.get("memory_postcopy_requests"),
         "memory_bps": stats.get("memory_bps"),
         "auto_converge_throttle_pct": stats.get("auto_converge_throttle"),
+        # Disk copied over NBD (VIR_MIGRATE_NON_SHARED_DISK); libvirt reports 0 without a copy.
+        "disk_processed_bytes": stats.get("disk_processed"),
+        "disk_remaining_bytes": stats.get("disk_remaining"),
     }
 
 
@@ -485,6 +506,8 @@ class Migration:
             outcome, message = "completed", None
         if outcome == "completed" and cancel_reason is not None:
             warnings.append(f"migration completed although it was {cancel_reason} at {cancelled_at:.1f} s")
+        if paused_at_s is not None and new_domain is None and not worker.is_alive():
+            self._resume_source_after_failure(warnings)
 
         stats = self._completed_stats(recorder, new_domain)
         result = MigrationResult(
@@ -603,6 +626,20 @@ class Migration:
             log.debug("early resume of %s on the destination failed: %s", self.domain.name(), exc)
             return False
         return True
+
+    def _resume_source_after_failure(self, warnings: list[str]) -> None:
+        """Resume a stop-and-copy guest on the source after its migration failed.
+
+        The harness paused it before virDomainMigrate3, and libvirt leaves a
+        failed migration's guest in the state it found it, so without this it
+        would stay paused.
+        """
+        try:
+            if self.domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                self.domain.resume()
+        except libvirt.libvirtError as exc:
+            warnings.append(f"resuming the guest on the source after the failed migration failed: "
+                            f"{exc.get_error_message()}")
 
     def _resume_after_stop_and_copy(self, new_domain: libvirt.virDomain) -> None:
         state, _reason = new_domain.state()

@@ -20,7 +20,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError,
                       ValidationInfo, model_validator)
@@ -44,6 +45,9 @@ PATTERNS: tuple[str, ...] = get_args(Pattern)
 Compression = Literal["none", "zlib", "zstd", "mt"]
 SaveFormat = Literal["raw", "sparse"]
 NIC_MODELS: tuple[str, ...] = get_args(NicModel)
+# Where the guest's disk lives (see GuestDiskSection).
+DiskStorage = Literal["shared", "local", "copy"]
+DISK_STORAGES: tuple[str, ...] = get_args(DiskStorage)
 
 # Guest memory that the working set cannot use, because the guest kernel and
 # the initramfs that carries the workload live there.
@@ -59,6 +63,10 @@ BandwidthMiBs = Annotated[int, Field(gt=0)]
 DowntimeLimitMs = Annotated[int, Field(gt=0)]
 MaxTimeS = Annotated[int, Field(gt=0)]
 PostcopyAfterIterations = Annotated[int, Field(ge=1)]
+# Size of the guest's disk. The harness writes every byte of it before the
+# guest boots, so the limit keeps that step and the copy to a few minutes.
+MAX_DISK_MIB = 16384
+DiskSizeMiB = Annotated[int, Field(gt=0, le=MAX_DISK_MIB)]
 # Rate of the shaped migration link in MiB/s; None leaves the link unshaped.
 LinkRateMiBs = Annotated[int, Field(gt=0)]
 ScenarioId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=200)]
@@ -78,6 +86,8 @@ SCENARIO_FIELDS: dict[str, str] = {
     "memory_mib": "guest",
     "vcpus": "guest",
     "nic_model": "guest",
+    "disk_size_mib": "guest",
+    "disk_storage": "guest",
     "working_set_mib": "workload",
     "dirty_rate_mib_s": "workload",
     "pattern": "workload",
@@ -91,19 +101,23 @@ SCENARIO_FIELDS: dict[str, str] = {
 
 # Scenario fields whose attribute in their section has another name.
 _SECTION_ATTRIBUTES = {"link_rate_mib_s": "rate_mib_s"}
+# Scenario fields set in the guest's disk mapping (guest.disk), with their key there.
+_DISK_ATTRIBUTES = {"disk_size_mib": "size_mib", "disk_storage": "storage"}
 
 # Fields without a usable default: the base section or the matrix must set them.
 REQUIRED_FIELDS = ("strategy", "memory_mib", "working_set_mib", "dirty_rate_mib_s")
 
 # Scenario id parts: a prefix before the value, and the word that stands for null.
 _ID_PREFIX = {
-    "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "nic_model": "", "working_set_mib": "ws",
+    "strategy": "", "memory_mib": "mem", "vcpus": "cpu", "nic_model": "", "disk_size_mib": "disk",
+    "disk_storage": "disk-", "working_set_mib": "ws",
     "dirty_rate_mib_s": "rate", "pattern": "", "bandwidth_mib_s": "bw",
     "downtime_limit_ms": "dt", "max_time_s": "max", "postcopy_after_iterations": "pc",
     "link_rate_mib_s": "link", "fault": "fault-",
 }
 _ID_NULL = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "default",
-            "postcopy_after_iterations": "off", "link_rate_mib_s": "unshaped", "fault": "none"}
+            "postcopy_after_iterations": "off", "link_rate_mib_s": "unshaped", "fault": "none",
+            "disk_size_mib": "none", "disk_storage": "none"}
 
 # Strategy tuning fields (lab.strategies), all set in the migration section.
 SCENARIO_FIELDS.update(dict.fromkeys(STRATEGY_FIELDS, "migration"))
@@ -148,6 +162,9 @@ class Scenario(BaseModel):
     postcopy_after_iterations: PostcopyAfterIterations | None
     link_rate_mib_s: LinkRateMiBs | None = None
     nic_model: NicModel = "e1000"
+    # The guest's disk (GuestDiskSection); None for both boots a diskless guest.
+    disk_size_mib: DiskSizeMiB | None = None
+    disk_storage: DiskStorage | None = None
     # Strategy tuning (see lab.strategies). None means QEMU's or libvirt's default.
     postcopy_after_s: PositiveSeconds | None = None
     postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
@@ -221,6 +238,7 @@ def cross_field_problems(values: dict[str, Any]) -> list[tuple[tuple[str, ...], 
             f"postcopy_after_iterations applies only to the hybrid strategy, not to {strategy}",
             "List postcopy_after_iterations values only for hybrid runs, or use null",
         ))
+    problems += disk_problems(values)
     problems += strategy_problems(values)
     for message in fault_strategy_problems(values.get("fault"), strategy):
         problems.append((("strategy", "fault"), message,
@@ -235,6 +253,40 @@ class LabSection(BaseModel):
     hosts: Annotated[int, Field(ge=2)] = 2
 
 
+def disk_problems(values: dict[str, Any]) -> list[tuple[tuple[str, ...], str, str]]:
+    """Check the guest disk of one scenario against its strategy; return (fields, message, fix) per problem."""
+    size, storage = values.get("disk_size_mib"), values.get("disk_storage")
+    problems = []
+    if storage is not None and size is None:
+        problems.append((
+            ("disk_storage", "disk_size_mib"),
+            f"disk_storage {storage} needs a guest disk, and this scenario has none",
+            "Set guest.disk.size_mib, or list disk_size_mib values in the matrix without null",
+        ))
+    if values["strategy"] == "flushing" and storage in ("local", "copy"):
+        problems.append((
+            ("disk_storage", "strategy"),
+            f"the flushing strategy restores the guest on the destination from a save file and copies no "
+            f"disk, so disk_storage {storage} cannot work with it",
+            "Use disk_storage shared for flushing runs",
+        ))
+    return problems
+
+
+class GuestDiskSection(BaseModel):
+    """A disk for the guest (virtio-blk, raw file), created for each run and removed after it.
+
+    shared: one file in a folder both hosts see, so only memory moves.
+    local: the file exists on the source host only, and a plain migration
+    fails. copy: a file on each host, and libvirt copies the disk over NBD
+    during the migration (VIR_MIGRATE_NON_SHARED_DISK).
+    """
+
+    model_config = _CONFIG
+    size_mib: DiskSizeMiB
+    storage: DiskStorage = "shared"
+
+
 class GuestSection(BaseModel):
     model_config = _CONFIG
     memory_mib: MemoryMiB | None = None
@@ -242,6 +294,8 @@ class GuestSection(BaseModel):
     # e1000: QEMU sends RARP announcements after the switch-over. virtio: the
     # guest's virtio-net driver sends gratuitous ARP when QEMU asks it to.
     nic_model: NicModel = "e1000"
+    # None boots a diskless guest, as every playbook without this key does.
+    disk: GuestDiskSection | None = None
 
 
 class WorkloadSection(BaseModel):
@@ -397,8 +451,14 @@ class Playbook(BaseModel):
         """Return the scenario fields as the base sections set them."""
         sections = {"guest": self.guest, "workload": self.workload, "migration": self.migration,
                     "link": self.link}
-        return {name: getattr(sections[section], _SECTION_ATTRIBUTES.get(name, name))
-                for name, section in SCENARIO_FIELDS.items()}
+        values = {}
+        for name, section in SCENARIO_FIELDS.items():
+            if name in _DISK_ATTRIBUTES:
+                disk = self.guest.disk
+                values[name] = None if disk is None else getattr(disk, _DISK_ATTRIBUTES[name])
+            else:
+                values[name] = getattr(sections[section], _SECTION_ATTRIBUTES.get(name, name))
+        return values
 
     def scenarios(self) -> list[Scenario]:
         """Expand the matrix into scenarios.
@@ -456,8 +516,10 @@ class _Problem:
         return (self.loc, self.message)
 
 
-def _base_loc(name: str) -> tuple[str, str]:
+def _base_loc(name: str) -> tuple[str, ...]:
     """Return the (section, key) that sets the base value of scenario field ``name``."""
+    if name in _DISK_ATTRIBUTES:
+        return ("guest", "disk", _DISK_ATTRIBUTES[name])
     return (SCENARIO_FIELDS[name], _SECTION_ATTRIBUTES.get(name, name))
 
 
@@ -498,6 +560,10 @@ def _model_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -
         annotation = field.annotation if field else None
         if get_origin(annotation) is list:
             annotation = get_args(annotation)[0]
+        if get_origin(annotation) in (Union, UnionType):
+            # An optional mapping such as guest.disk: its model is the non-None member.
+            members = [member for member in get_args(annotation) if member is not type(None)]
+            annotation = members[0] if len(members) == 1 else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -539,6 +605,8 @@ def _describe_pydantic_error(error: dict[str, Any],
         return f"must be greater than {ctx['gt']}", None
     if kind == "greater_than_equal":
         return f"must be at least {ctx['ge']}", None
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}", None
     if kind == "finite_number":
         return "must be a finite number", None
     if kind == "string_pattern_mismatch":
@@ -648,7 +716,9 @@ def _combinations(playbook: Playbook) -> Iterator[tuple[dict[str, Any], dict[str
 
     A base postcopy_after_iterations applies only to hybrid scenarios, and a
     base value of any strategy tuning field only to the strategies that use it
-    (lab.strategies), so that one playbook can compare strategies.
+    (lab.strategies), so that one playbook can compare strategies. A scenario
+    without a disk (disk_size_mib null) drops the base disk_storage, and one
+    with a disk but no storage mode gets shared.
     """
     base = playbook.base_values()
     keys = list(playbook.matrix)
@@ -658,6 +728,10 @@ def _combinations(playbook: Playbook) -> Iterator[tuple[dict[str, Any], dict[str
         values = {**base, **combination}
         if values["strategy"] != "hybrid" and "postcopy_after_iterations" not in combination:
             values["postcopy_after_iterations"] = None
+        if values["disk_size_mib"] is None and "disk_storage" not in combination:
+            values["disk_storage"] = None
+        elif values["disk_size_mib"] is not None and values["disk_storage"] is None:
+            values["disk_storage"] = GuestDiskSection.model_fields["storage"].default
         values = reset_inapplicable(values, keep=set(combination))
         yield combination, values
 

@@ -55,9 +55,11 @@ FIELD_LABELS = {
     "max_time_s": ("max time", "s"),
     "postcopy_after_iterations": ("postcopy after", "iterations"),
     "nic_model": ("NIC model", ""),
+    "disk_size_mib": ("disk size", "MiB"),
+    "disk_storage": ("disk storage", ""),
 }
 _NULL_LABELS = {"bandwidth_mib_s": "unlimited", "downtime_limit_ms": "QEMU default",
-                "postcopy_after_iterations": "never"}
+                "postcopy_after_iterations": "never", "disk_size_mib": "no disk", "disk_storage": "no disk"}
 
 # Widest figure in inches; more groups get narrower bars and slanted labels.
 MAX_FIGURE_WIDTH_IN = 16.0

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # Version 2 added ``observed`` and ``host_figures``; records of version 1 read as having
 # no observations and no host figures. Version 3 added the strategy figures (xbzrle_* in
 # stats; throttle, connections, blocktime, downtime raises, save and guest rates in measured),
-# which read as None in older records.
-SCHEMA_VERSION = 3
+# which read as None in older records. Version 4 added the guest disk: disk_* in stats and
+# the ``disk`` section, which read as None in older records.
+SCHEMA_VERSION = 4
 
 Outcome = Literal["completed", "failed", "cancelled", "timed-out", "guest-crashed",
                   "memory-corrupt", "guest-lost"]
@@ -85,6 +86,11 @@ _LIBVIRT_KEYS = {
     "compression_pages": "xbzrle_pages",
     "compression_cache_misses": "xbzrle_cache_misses",
     "compression_overflow": "xbzrle_overflow",
+    # Disk copied over NBD with VIR_MIGRATE_NON_SHARED_DISK; 0 when nothing was copied.
+    "disk_total": "disk_total_bytes",
+    "disk_processed": "disk_processed_bytes",
+    "disk_remaining": "disk_remaining_bytes",
+    "disk_bps": "disk_bps",
 }
 
 
@@ -118,6 +124,12 @@ class MigrationStats(BaseModel):
     xbzrle_cache_misses: NonNegativeInt | None = None
     xbzrle_overflow: NonNegativeInt | None = Field(
         None, description="pages whose delta was larger than the page, so sent whole")
+    disk_total_bytes: NonNegativeInt | None = Field(
+        None, description="disk bytes the NBD copy had to send: the disk's size plus what the guest "
+                          "wrote during the copy")
+    disk_processed_bytes: NonNegativeInt | None = Field(None, description="disk bytes copied over NBD")
+    disk_remaining_bytes: NonNegativeInt | None = None
+    disk_bps: NonNegativeInt | None = Field(None, description="disk copy rate in bytes/s")
     raw: dict[str, int | float | str] = {}
 
     @classmethod
@@ -408,6 +420,41 @@ class HostFigures(BaseModel):
     tx_bytes: NonNegativeInt | None = Field(None, description="bytes sent on the interface in the window")
 
 
+class DiskRecord(BaseModel):
+    """The guest's disk in one run (lab.disks): where it lived and how the migration treated it.
+
+    The bytes copied are in ``stats`` (disk_processed_bytes), from libvirt's
+    job statistics.
+    """
+
+    model_config = _CONFIG
+
+    storage: Literal["shared", "local", "copy"]
+    size_mib: Annotated[int, Field(gt=0)]
+    path: str = Field(description="the disk file as the hosts' QEMU opens it")
+    cache: Literal["none", "writeback"] = Field(
+        description="libvirt cache mode: none (O_DIRECT) where the filesystem allows it")
+    unsafe_flag: bool = Field(description="the migration passed VIR_MIGRATE_UNSAFE")
+    unsafe_reason: str | None = None
+    destination_precreated: bool = Field(
+        False, description="the harness created an empty file of the same size on the destination (copy)")
+    writes_source: NonNegativeInt = Field(0, description="1 MiB writes the guest reported on the source")
+    writes_destination: NonNegativeInt = Field(
+        0, description="1 MiB writes the guest reported on the destination, after the migration")
+    write_errors: list[str] = Field([], description="failed writes the guest reported")
+    left_behind: list[str] = Field([], description="disk files the harness could not remove")
+
+    def columns(self) -> dict[str, Any]:
+        """Return the disk's columns of the runs table."""
+        return {"disk_cache": self.cache, "disk_unsafe_flag": self.unsafe_flag,
+                "disk_writes_source": self.writes_source, "disk_writes_destination": self.writes_destination,
+                "disk_write_errors": len(self.write_errors)}
+
+
+DISK_COLUMNS = ["disk_cache", "disk_unsafe_flag", "disk_writes_source", "disk_writes_destination",
+                "disk_write_errors"]
+
+
 FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "not-struck"]
 
 
@@ -453,7 +500,7 @@ class RunRecord(BaseModel):
 
     model_config = _CONFIG
 
-    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     harness_version: str = __version__
     experiment: ExperimentName
     run_id: str
@@ -475,6 +522,7 @@ class RunRecord(BaseModel):
     host_figures: list[HostFigures] = []
     warnings: list[str] = []
     fault: FaultRecord | None = None
+    disk: DiskRecord | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -538,6 +586,8 @@ TIMELINE_COLUMNS: dict[str, str] = {
     "postcopy_requests": "Int64",
     "memory_bps": "Int64",
     "auto_converge_throttle_pct": "Int64",
+    "disk_processed_bytes": "Int64",
+    "disk_remaining_bytes": "Int64",
 }
 
 # Keys of one timeline event. wall_time is an ISO 8601 string with time zone.

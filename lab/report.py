@@ -6,7 +6,8 @@ runs.csv
     one row per run, the columns of store.load_runs().
 summary.csv
     one row per scenario: n, n_completed, n_excluded, and mean, std, min and
-    max of each metric in METRICS over the completed runs.
+    max of each metric in METRICS over the completed runs, and of DISK_METRICS
+    when a run had a guest disk.
 summary.md
     the same statistics as a Markdown table, the excluded runs, and quality
     warnings.
@@ -56,6 +57,11 @@ METRICS = {
     "stream_max_stall_ms": "TCP stall, longest (ms)",
     "guest_slowdown_pct": "guest slowdown, lowest throughput against before (%)",
 }
+# Metrics of experiments whose guests have a disk (guest.disk): the disk bytes
+# libvirt copied over NBD, which is 0 for shared storage.
+DISK_METRICS = {
+    "disk_copied_mib": "disk copied (MiB)",
+}
 STATISTICS = ("mean", "std", "min", "max")
 
 # Quality thresholds for the warnings in summary.md.
@@ -92,17 +98,26 @@ def _scenario_order(experiment_dir: Path, runs: pd.DataFrame) -> list[str]:
     return known + sorted(set(ids) - set(known))
 
 
+def has_disks(runs: pd.DataFrame) -> bool:
+    """Return whether any run had a guest disk."""
+    return "disk_storage" in runs and bool(runs["disk_storage"].notna().any())
+
+
 def summarize(runs: pd.DataFrame, fields: list[str], order: list[str] | None = None) -> pd.DataFrame:
     """Compute per-scenario counts and statistics of METRICS over completed runs.
 
     Columns: scenario_id, strategy, the other fields, n, n_completed,
-    n_excluded, then <metric>_mean, _std, _min and _max for each metric.
+    n_excluded, then <metric>_mean, _std, _min and _max for each metric,
+    DISK_METRICS included when a run had a guest disk.
     """
     runs = runs.copy()
-    for metric in METRICS:
-        if metric not in runs and metric != "transferred_mib":
+    metrics = {**METRICS, **(DISK_METRICS if has_disks(runs) else {})}
+    for metric in metrics:
+        if metric not in runs and metric not in ("transferred_mib", "disk_copied_mib"):
             runs[metric] = float("nan")
     runs["transferred_mib"] = runs["transferred_bytes"] / 2**20
+    if "disk_copied_mib" in metrics:
+        runs["disk_copied_mib"] = pd.to_numeric(runs.get("disk_processed_bytes"), errors="coerce") / 2**20
     label_fields = ["strategy"] + [field for field in fields if field != "strategy"]
     order = order or sorted(runs["scenario_id"].unique())
 
@@ -116,7 +131,7 @@ def summarize(runs: pd.DataFrame, fields: list[str], order: list[str] | None = N
         row["n"] = len(scenario_runs)
         row["n_completed"] = len(completed)
         row["n_excluded"] = len(scenario_runs) - len(completed)
-        for metric in METRICS:
+        for metric in metrics:
             values = completed[metric].dropna().astype(float)
             row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
@@ -124,7 +139,7 @@ def summarize(runs: pd.DataFrame, fields: list[str], order: list[str] | None = N
             row[f"{metric}_max"] = values.max() if len(values) else math.nan
         rows.append(row)
     columns = (["scenario_id"] + label_fields + ["n", "n_completed", "n_excluded"]
-               + [f"{metric}_{statistic}" for metric in METRICS for statistic in STATISTICS])
+               + [f"{metric}_{statistic}" for metric in metrics for statistic in STATISTICS])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -186,8 +201,8 @@ def _markdown_table(summary: pd.DataFrame, fields: list[str]) -> str:
             else (int(value) if isinstance(value, float) and value.is_integer() else value))
     table["runs"] = summary["n"]
     table["completed"] = summary["n_completed"]
-    for metric, heading in METRICS.items():
-        if metric == "transferred_bytes":
+    for metric, heading in {**METRICS, **DISK_METRICS}.items():
+        if metric == "transferred_bytes" or f"{metric}_mean" not in summary:
             continue
         table[f"{heading}, mean ± std"] = [
             _format_mean_std(mean, std)

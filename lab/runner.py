@@ -11,6 +11,7 @@ scenario.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import libvirt
 
-from lab import domain, store
+from lab import disks, domain, store
 from lab.accel import choose_accelerator
 from lab.environment import describe
 from lab.errors import LabError
@@ -44,8 +45,8 @@ from lab.preflight import available_memory_mib, check_guest_memory, check_result
 from lab.playbook import Playbook, Scenario
 from lab.probes.observe import RunClock, observe_run
 from lab.probes.session import ProbeOutputs, ProbePlan, ProbeSession
-from lab.records import (Environment, FaultRecord, HostFigures, Integrity, Measured, MigrationStats, Observed, RunRecord,
-                         make_timeline)
+from lab.records import (DiskRecord, Environment, FaultRecord, HostFigures, Integrity, Measured, MigrationStats,
+                         Observed, RunRecord, make_timeline)
 from lab.timeline import encode_parts
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ class ExperimentRunner:
         if flushing and self.access.local_lab is None:
             messages.append(f"strategy flushing needs storage both hosts share, which only the local lab "
                             f"has (scenarios {', '.join(flushing)})")
+        messages += disks.lab_problems([(scenario.scenario_id, scenario.disk_size_mib) for scenario in scenarios],
+                                       local_lab=self.access.local_lab is not None)
         faulty = [scenario for scenario in scenarios if scenario.fault is not None]
         if faulty and self.access.choice.transport == "ssh":
             messages += self._fault_problems(faulty)
@@ -211,15 +214,25 @@ class ExperimentRunner:
     def _probe_scenario(self) -> Scenario:
         return self.playbook.scenarios()[0]
 
-    def _guest_spec(self, name: str, run_id: str, scenario: Scenario, accelerator: str) -> domain.GuestSpec:
+    def _guest_spec(self, name: str, run_id: str, scenario: Scenario, accelerator: str, *,
+                    disk: domain.DiskSpec | None = None) -> domain.GuestSpec:
         address = self.access.guest_address
-        cmdline = kernel_cmdline(scenario.working_set_mib, scenario.dirty_rate_mib_s, scenario.pattern, ip=address)
+        cmdline = kernel_cmdline(scenario.working_set_mib, scenario.dirty_rate_mib_s, scenario.pattern, ip=address,
+                                 disk=disk is not None)
         kernel, initrd = self.access.image_paths(self.image)
         return domain.GuestSpec(
             name=name, run_id=run_id, memory_mib=scenario.memory_mib, vcpus=scenario.vcpus,
             kernel=kernel, initrd=initrd, cmdline=cmdline,
             accelerator=accelerator, bridge=self.source_host.guest_bridge,
-            mac=domain.guest_mac(GUEST_ADDRESS_OFFSET), nic_model=scenario.nic_model)
+            mac=domain.guest_mac(GUEST_ADDRESS_OFFSET), nic_model=scenario.nic_model, disk=disk)
+
+    def _guest_disk(self, scenario: Scenario, guest_name: str) -> disks.GuestDisk | None:
+        if scenario.disk_size_mib is None:
+            return None
+        local_lab = self.access.local_lab
+        return disks.GuestDisk(scenario.disk_storage, scenario.disk_size_mib, guest_name, self.source_host,
+                               self.destination_host, shared_dir=local_lab.root / "shared" if local_lab else None,
+                               save_restore=scenario.strategy == "flushing")
 
     def _close(self) -> None:
         for conn in (getattr(self, "source", None), getattr(self, "destination", None)):
@@ -336,8 +349,14 @@ class ExperimentRunner:
         link = self.access.shaped_link(scenario.link_rate_mib_s)
         injector: FaultInjector | None = None
         fault = None
+        disk = self._guest_disk(scenario, name)
+        disk_left: list[str] = []
         try:
             link.__enter__()
+            if disk is not None:
+                t = time.monotonic()
+                spec = self._guest_spec(name, run_id, scenario, self.accelerator, disk=disk.create())
+                phases["disk_setup_s"] = time.monotonic() - t
             t = time.monotonic()
             dom = domain.boot(self.source, spec)
             seen, last_seq = wait_for_reports(source_console, after_seq=-1, count=REPORTS_BEFORE_MIGRATION,
@@ -350,6 +369,8 @@ class ExperimentRunner:
 
             t = time.monotonic()
             settings = self._migration_settings(scenario, name)
+            if disk is not None:
+                settings = dataclasses.replace(settings, disk_unsafe=disk.unsafe)
             if settings.save_dir is not None:
                 settings.save_dir.mkdir(parents=True, exist_ok=True)
             if settings.destination_qmp_socket is not None:
@@ -414,6 +435,9 @@ class ExperimentRunner:
                     warnings.append(f"killed QEMU processes of {name} that libvirt no longer knew: "
                                     f"{', '.join(map(str, killed))}")
             link.remove()
+            if disk is not None:
+                # After the guest is gone, so that no QEMU holds the files.
+                disk_left = disk.remove()
 
         files = {}
         for host, path in ((self.source_host, source_console), (self.destination_host, destination_console)):
@@ -428,10 +452,17 @@ class ExperimentRunner:
                                        files.get(f"console-{self.destination_host.name}.log", b"").decode(
                                            errors="replace"), last_seq)
             result.details.update(guest_rate_before_pps=rates[0], guest_rate_min_pps=rates[1])
+        disk_record = None
+        if disk is not None:
+            if disk_left:
+                warnings.append(f"disk files left behind: {', '.join(disk_left)}")
+            disk_record = disk.record(
+                files.get(f"console-{self.source_host.name}.log", b"").decode(errors="replace"),
+                files.get(f"console-{self.destination_host.name}.log", b"").decode(errors="replace"), disk_left)
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
                               phases, warnings, observed=observed,
                               host_figures=[HostFigures.model_validate(window.figures()) for window in windows],
-                              fault=fault)
+                              fault=fault, disk=disk_record)
         timeline = make_timeline(result.samples if result else [])
         events = [event.as_dict() for event in result.events] if result else []
         return record, timeline, events, files
@@ -688,7 +719,8 @@ class ExperimentRunner:
 
     def _record(self, run_id, scenario, repetition, started_at, outcome, error, result, integrity, phases,
                 warnings, *, observed: Observed | None = None,
-                host_figures: list[HostFigures] | None = None, fault: FaultRecord | None = None) -> RunRecord:
+                host_figures: list[HostFigures] | None = None, fault: FaultRecord | None = None,
+                disk: DiskRecord | None = None) -> RunRecord:
         stats = MigrationStats.from_libvirt(result.completed_stats if result else {})
         measured = Measured(
             wall_total_ms=result.wall_total_ms if result else None,
@@ -703,4 +735,4 @@ class ExperimentRunner:
             destination_host=self.destination_host.name, started_at=started_at,
             ended_at=datetime.now(timezone.utc), outcome=outcome, error=error, stats=stats, measured=measured,
             integrity=integrity, environment=self.environment, observed=observed or Observed(),
-            host_figures=host_figures or [], warnings=warnings, fault=fault)
+            host_figures=host_figures or [], warnings=warnings, fault=fault, disk=disk)

@@ -37,8 +37,8 @@ from pydantic import ValidationError
 
 from lab.errors import ConfigError, LabError
 from lab.playbook import SCENARIO_FIELDS, Playbook, Scenario
-from lab.records import (FAULT_COLUMNS, OBSERVED_COLUMNS, TIMELINE_COLUMNS, Environment, Integrity, Measured,
-                         MigrationStats, RecordVersionError, RunRecord, make_timeline, run_id_for,
+from lab.records import (DISK_COLUMNS, FAULT_COLUMNS, OBSERVED_COLUMNS, TIMELINE_COLUMNS, Environment, Integrity,
+                         Measured, MigrationStats, RecordVersionError, RunRecord, make_timeline, run_id_for,
                          validate_events)
 
 log = logging.getLogger(__name__)
@@ -398,9 +398,10 @@ _ENV_COLUMNS = [f"env_{name}" for name in Environment.model_fields]
 _FRONT_COLUMNS = ["run_id", "scenario_id", "repetition", "outcome", "error"]
 _BACK_COLUMNS = ["source_host", "destination_host", "warning_count", "started_at", "ended_at"]
 RUN_COLUMNS = (_FRONT_COLUMNS + list(SCENARIO_FIELDS) + _STATS_COLUMNS + _MEASURED_COLUMNS
-               + _INTEGRITY_COLUMNS + OBSERVED_COLUMNS + FAULT_COLUMNS + _ENV_COLUMNS + _BACK_COLUMNS)
+               + _INTEGRITY_COLUMNS + OBSERVED_COLUMNS + FAULT_COLUMNS + DISK_COLUMNS + _ENV_COLUMNS
+               + _BACK_COLUMNS)
 _TEXT_COLUMNS = {"run_id", "scenario_id", "outcome", "error", "strategy", "pattern", "nic_model", "fault",
-                 "fault_kind", "fault_trigger", "fault_outcome",
+                 "fault_kind", "fault_trigger", "fault_outcome", "disk_storage", "disk_cache",
                  "source_host", "destination_host", *_ENV_COLUMNS}
 
 
@@ -425,6 +426,8 @@ def _flatten(record: RunRecord) -> dict[str, Any]:
     row.update(record.observed.columns())
     if record.fault is not None:
         row.update(record.fault.columns())
+    if record.disk is not None:
+        row.update(record.disk.columns())
     row.update({f"env_{name}": value for name, value in record.environment.model_dump().items()})
     row["source_host"] = record.source_host
     row["destination_host"] = record.destination_host

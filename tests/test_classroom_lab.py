@@ -21,8 +21,10 @@ def experiment(shared_lab, guest_image, tmp_path_factory):
     folder = tmp_path_factory.mktemp("classroom")
     yaml = YAML()
     document = yaml.load((SOURCE_CLASSROOM_DIR / EXERCISE / "playbook.yaml").read_text(encoding="utf-8"))
-    # One repetition of each of the three strategies keeps the test near 2 minutes.
+    # One repetition of each strategy, with the disk copied, keeps the test near 2 minutes.
+    # test_disk_lab covers the shared and local storage modes.
     document["repetitions"] = 1
+    document["matrix"]["disk_storage"] = ["copy"]
     playbook_path = folder / "playbook.yaml"
     with playbook_path.open("w", encoding="utf-8") as stream:
         yaml.dump(document, stream)
@@ -31,9 +33,11 @@ def experiment(shared_lab, guest_image, tmp_path_factory):
     return runner.run()
 
 
+SCENARIOS = ("stop-and-copy-disk-copy", "precopy-disk-copy", "postcopy-disk-copy")
+
+
 def test_exercise_runs_complete(experiment):
-    assert experiment.outcomes == {"stop-and-copy-r1": "completed", "precopy-r1": "completed",
-                                   "postcopy-r1": "completed"}
+    assert experiment.outcomes == {f"{scenario_id}-r1": "completed" for scenario_id in SCENARIOS}
 
 
 def test_key_reports_each_run(experiment):
@@ -41,9 +45,19 @@ def test_key_reports_each_run(experiment):
     spec = load_exercise(EXERCISE)
     for question in spec.questions:
         assert question.text["es"] in key
-    for scenario_id in ("stop-and-copy", "precopy", "postcopy"):
+    for scenario_id in SCENARIOS:
         record = json.loads((experiment.experiment_dir / "runs" / f"{scenario_id}-r1" / "record.json").read_text())
         row = next(line for line in key.splitlines() if line.startswith(f"| `{scenario_id}` | 1 |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         # Question 1: share of surviving TCP connections, then the longest stall.
         assert cells[2] == ("100" if record["observed"]["stream"]["survived"] else "0.00")
+
+
+def test_key_reports_disk_copied(experiment):
+    key = answer_key(EXERCISE, experiment.experiment_dir)
+    section = key.split("## Pregunta 5", 1)[1].split("## Pregunta 6", 1)[0]
+    for scenario_id in SCENARIOS:
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{scenario_id}` | 1 |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        # The disk copied, in MiB: the whole 128 MiB disk, plus what the guest wrote meanwhile.
+        assert float(cells[2]) >= 128

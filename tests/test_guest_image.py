@@ -605,7 +605,7 @@ def test_guest_boots_and_dirties_at_rate(guest_image):
     assert status == 124, console
     assert summary.kernel_trouble == [], console
     assert summary.init_errors == [], console
-    assert summary.modules_loaded == list(image_module.NIC_MODULES), console
+    assert summary.modules_loaded == list(image_module.GUEST_MODULES), console
     assert summary.ready == ReadyLine(wss_mib=64, rate_mib_s=8.0, pattern="sequential",
                                       pages=16384, page_size=4096), console
     assert ready_after is not None, console

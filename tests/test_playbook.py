@@ -107,7 +107,7 @@ def test_scenario_values_merge_matrix_over_base():
         "strategy": "precopy", "memory_mib": 256, "vcpus": 1, "working_set_mib": 96,
         "dirty_rate_mib_s": 24.0, "pattern": "random", "bandwidth_mib_s": 32,
         "downtime_limit_ms": 300, "max_time_s": 120, "postcopy_after_iterations": None,
-        "link_rate_mib_s": None, "nic_model": "e1000", "fault": None,
+        "link_rate_mib_s": None, "nic_model": "e1000", "fault": None, "disk_size_mib": None, "disk_storage": None,
         **STRATEGY_TUNING_OFF,
     }
 

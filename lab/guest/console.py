@@ -25,6 +25,8 @@ _WORKLOAD_ERROR = re.compile(r"mlab-workload: error (.*\S)")
 _MODULE_LOADED = re.compile(r"mlab-init: module (\S+) loaded\s*$")
 _INIT_ERROR = re.compile(r"mlab-init: (module \S+ failed to load.*\S|error: .*\S)")
 _WORKLOAD_EXIT = re.compile(r"mlab-init: workload exited with status (\d+)\s*$")
+_DISK_WRITE = re.compile(r"mlab-disk: wrote seq=(\d+) offset_mib=(\d+)\s*$")
+_DISK_ERROR = re.compile(r"mlab-disk: error: (.*\S)")
 
 # Fixed substrings of Linux kernel messages that report a crash, an oops, a
 # warning with a stack trace, a lockup or stall, or the OOM killer.
@@ -91,6 +93,9 @@ class ConsoleSummary:
     modules_loaded: list[str] = field(default_factory=list)
     init_errors: list[str] = field(default_factory=list)
     workload_exit_status: int | None = None
+    # The disk writer's lines (init.sh): completed 1 MiB writes and failures.
+    disk_writes: int = 0
+    disk_errors: list[str] = field(default_factory=list)
 
     @property
     def bad_lines(self) -> int:
@@ -168,3 +173,7 @@ def _scan_status_line(line: str, summary: ConsoleSummary) -> None:
         summary.init_errors.append(match.group(1))
     elif match := _WORKLOAD_EXIT.search(line):
         summary.workload_exit_status = int(match.group(1))
+    elif _DISK_WRITE.search(line):
+        summary.disk_writes += 1
+    elif match := _DISK_ERROR.search(line):
+        summary.disk_errors.append(match.group(1))

@@ -70,9 +70,12 @@ NIC_MODULES = (
     "net_failover",
     "virtio_net",
 )
+# Every module the initramfs carries and init.sh loads: the NIC drivers, then
+# virtio_blk for the optional disk (/dev/vda), which needs virtio and virtio_ring.
+GUEST_MODULES = (*NIC_MODULES, "virtio_blk")
 # busybox applets that init.sh runs, linked into /bin.
 BUSYBOX_APPLETS = ("sh", "mount", "mkdir", "cat", "echo", "ls", "insmod", "lsmod", "ip",
-                   "sleep", "uname", "dmesg")
+                   "sleep", "uname", "dmesg", "dd")
 
 WORKLOAD_PATTERNS = ("sequential", "random")
 MAX_WORKING_SET_MIB = 1048576
@@ -111,7 +114,7 @@ class ImageSources:
     workload_source: Path = WORKLOAD_SOURCE
     responder_source: Path = RESPONDER_SOURCE
     init_script: Path = INIT_SCRIPT
-    modules: tuple[str, ...] = NIC_MODULES
+    modules: tuple[str, ...] = GUEST_MODULES
     compiler: str = COMPILER
 
 
@@ -383,12 +386,12 @@ def _format_rate(rate: float) -> str:
 
 
 def kernel_cmdline(working_set_mib: int, dirty_rate_mib_s: float, pattern: str,
-                   ip: str | None = None) -> str:
+                   ip: str | None = None, disk: bool = False) -> str:
     """Return the guest kernel command line for a workload and an optional eth0 address.
 
     ``ip`` is an interface address with its prefix length, for example
-    ``10.77.0.10/24``. Raises ConfigError for a value the workload or init
-    would reject.
+    ``10.77.0.10/24``. ``disk`` starts the guest's disk writer on /dev/vda.
+    Raises ConfigError for a value the workload or init would reject.
     """
     if (isinstance(working_set_mib, bool) or not isinstance(working_set_mib, numbers.Integral)
             or not 1 <= working_set_mib <= MAX_WORKING_SET_MIB):
@@ -410,6 +413,8 @@ def kernel_cmdline(working_set_mib: int, dirty_rate_mib_s: float, pattern: str,
                   f"mlab.pattern={pattern}"]
     if ip is not None:
         arguments.append(f"mlab.ip={_validate_interface_address(ip)}")
+    if disk:
+        arguments.append("mlab.disk=1")
     return " ".join(arguments)
 
 
