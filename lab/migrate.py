@@ -36,8 +36,7 @@ downtime-steps
 A guest disk (lab.disks) adds to any strategy but flushing:
 VIR_MIGRATE_NON_SHARED_DISK for copy storage, so libvirt mirrors the disk
 over NBD before memory moves, and VIR_MIGRATE_UNSAFE for shared storage that
-libvirt does not recognize as shared (the local lab declares its shared
-folder in qemu.conf, so it needs none). Local storage adds nothing.
+libvirt does not recognize as shared. Local storage adds nothing.
 """
 
 from __future__ import annotations

