@@ -54,10 +54,11 @@ FILL_TIMEOUT_S_PER_MIB = 0.5
 # Free space that must remain on the host after the disk is written.
 FREE_SPACE_MARGIN_MIB = 256
 # libvirt 11.3 treats a file disk as shared only on a network or cluster
-# filesystem (NFS, GFS2, OCFS2, CephFS, ...) or below a folder listed in
-# qemu.conf's shared_filesystems. Without that, it rejects the migration with
-# "Unsafe migration: Migration without shared storage is unsafe", whatever the
-# cache mode; seen with cache=none on ext4 in the local lab.
+# filesystem (NFS, GFS2, OCFS2, CephFS, ...). Otherwise it rejects the
+# migration with "Unsafe migration: Migration without shared storage is
+# unsafe", whatever the cache mode; seen with cache=none on ext4 in the local
+# lab. NOTE: listing the lab's shared folder in qemu.conf's shared_filesystems
+# on both hosts did not avoid that error in a lab run; why is not known.
 UNSAFE_REASON = ("the local lab's shared folder is on this machine's own filesystem, which libvirt does not "
                  "recognize as shared storage, so the harness declares the migration safe with VIR_MIGRATE_UNSAFE")
 
