@@ -140,7 +140,37 @@ _ID_NULL.update({
 _CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Scenario(BaseModel):
+class StrategyTuning(BaseModel):
+    """Tuning of single strategies and the fault, shared by the migration section and Scenario.
+
+    Each tuning field applies only to the strategies that
+    lab.strategies.STRATEGY_FIELDS lists for it. None means QEMU's or
+    libvirt's default.
+    """
+
+    model_config = _CONFIG
+
+    postcopy_after_s: PositiveSeconds | None = None
+    postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
+    auto_converge_initial_pct: Percent | None = None
+    auto_converge_increment_pct: Percent | None = None
+    dirty_limit_mib_s: PositiveInt | None = None
+    dirty_limit_period_ms: DirtyLimitPeriodMs | None = None
+    xbzrle_cache_mib: PositiveInt | None = None
+    multifd_channels: MultifdChannels | None = None
+    compression: Compression = "none"
+    compression_level: CompressionLevel | None = None
+    zerocopy: bool = False
+    downtime_step_ms: PositiveInt | None = None
+    downtime_step_after_s: PositiveSeconds | None = None
+    downtime_max_ms: PositiveInt | None = None
+    save_format: SaveFormat | None = None
+    save_parallel_channels: PositiveInt | None = None
+    # A fault struck during the migration (lab.faults); None runs without one.
+    fault: FaultSpec | None = None
+
+
+class Scenario(StrategyTuning):
     """One point of the experiment matrix: every setting a run needs.
 
     ``scenario_id`` defaults to the strategy name when the scenario is built by
@@ -165,25 +195,6 @@ class Scenario(BaseModel):
     # The guest's disk (GuestDiskSection); None for both boots a diskless guest.
     disk_size_mib: DiskSizeMiB | None = None
     disk_storage: DiskStorage | None = None
-    # Strategy tuning (see lab.strategies). None means QEMU's or libvirt's default.
-    postcopy_after_s: PositiveSeconds | None = None
-    postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
-    auto_converge_initial_pct: Percent | None = None
-    auto_converge_increment_pct: Percent | None = None
-    dirty_limit_mib_s: PositiveInt | None = None
-    dirty_limit_period_ms: DirtyLimitPeriodMs | None = None
-    xbzrle_cache_mib: PositiveInt | None = None
-    multifd_channels: MultifdChannels | None = None
-    compression: Compression = "none"
-    compression_level: CompressionLevel | None = None
-    zerocopy: bool = False
-    downtime_step_ms: PositiveInt | None = None
-    downtime_step_after_s: PositiveSeconds | None = None
-    downtime_max_ms: PositiveInt | None = None
-    save_format: SaveFormat | None = None
-    save_parallel_channels: PositiveInt | None = None
-    # A fault struck during the migration (lab.faults); None runs without one.
-    fault: FaultSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -305,7 +316,7 @@ class WorkloadSection(BaseModel):
     pattern: Pattern = "random"
 
 
-class MigrationSection(BaseModel):
+class MigrationSection(StrategyTuning):
     """Base migration settings. A null bandwidth is unlimited, a null downtime limit QEMU's default."""
 
     model_config = _CONFIG
@@ -314,25 +325,6 @@ class MigrationSection(BaseModel):
     downtime_limit_ms: DowntimeLimitMs | None = None
     max_time_s: MaxTimeS = 300
     postcopy_after_iterations: PostcopyAfterIterations | None = None
-    # Tuning of single strategies; each applies only to the strategies that
-    # lab.strategies.STRATEGY_FIELDS lists for it.
-    postcopy_after_s: PositiveSeconds | None = None
-    postcopy_bandwidth_mib_s: BandwidthMiBs | None = None
-    auto_converge_initial_pct: Percent | None = None
-    auto_converge_increment_pct: Percent | None = None
-    dirty_limit_mib_s: PositiveInt | None = None
-    dirty_limit_period_ms: DirtyLimitPeriodMs | None = None
-    xbzrle_cache_mib: PositiveInt | None = None
-    multifd_channels: MultifdChannels | None = None
-    compression: Compression = "none"
-    compression_level: CompressionLevel | None = None
-    zerocopy: bool = False
-    downtime_step_ms: PositiveInt | None = None
-    downtime_step_after_s: PositiveSeconds | None = None
-    downtime_max_ms: PositiveInt | None = None
-    save_format: SaveFormat | None = None
-    save_parallel_channels: PositiveInt | None = None
-    fault: FaultSpec | None = None
 
 
 class LinkSection(BaseModel):
