@@ -97,12 +97,12 @@ def format_value(field: str, value: Any) -> str:
     return f"{value} {unit}".strip()
 
 
-def group_label(fields: list[str], values: tuple) -> str:
+def group_label(fields: list[str], values: tuple, separator: str = ", ") -> str:
     """Label a combination of scenario values, e.g. 'dirty rate 24 MiB/s'."""
     if not fields:
         return "all runs"
-    return ", ".join(f"{FIELD_LABELS.get(field, (field, ''))[0]} {format_value(field, value)}"
-                     for field, value in zip(fields, values))
+    return separator.join(f"{FIELD_LABELS.get(field, (field, ''))[0]} {format_value(field, value)}"
+                          for field, value in zip(fields, values))
 
 
 def _sort_key(value: Any) -> tuple:
@@ -204,7 +204,8 @@ def plot_downtime_by_strategy(runs: pd.DataFrame, group_fields: list[str],
         ax.set_xlabel(FIELD_LABELS.get(group_fields[0], (group_fields[0], ""))[0])
         tick_labels = [format_value(group_fields[0], key[0]) for key in groups]
     else:
-        tick_labels = [group_label(group_fields, key) for key in groups]
+        # One line per field, so that the labels of neighbouring groups do not overlap.
+        tick_labels = [group_label(group_fields, key, separator="\n") for key in groups]
     ax.set_xticklabels(tick_labels,
                        rotation=0 if len(groups) <= 4 else 45,
                        ha="center" if len(groups) <= 4 else "right")
