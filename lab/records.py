@@ -408,7 +408,8 @@ class HostFigures(BaseModel):
     tx_bytes: NonNegativeInt | None = Field(None, description="bytes sent on the interface in the window")
 
 
-FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "not-struck"]
+FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain",
+                       "not-struck"]
 
 
 class FaultRecord(BaseModel):
