@@ -33,10 +33,12 @@ incoming migration. kill-libvirtd kills the daemon that serves
 qemu:///system (virtqemud or libvirtd) and starts it again with systemctl.
 
 Outcomes (:data:`FAULT_OUTCOMES`): ``completed``, ``source-running`` (the
-migration failed and the guest still runs on the source), ``postcopy-recovered``
-(the guest was paused in postcopy and the migration resumed and finished),
-``guest-lost`` (no side runs the guest) and ``not-struck`` (the migration ended
-before the trigger).
+migration failed before the destination ran the guest, and the guest still
+runs on the source), ``postcopy-recovered`` (the guest was paused in postcopy
+and the migration resumed and finished), ``guest-lost`` (no side runs the
+guest, or only a source that resumed after the destination had run it),
+``split-brain`` (the QEMUs of both hosts run the guest) and ``not-struck``
+(the migration ended before the trigger).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ log = logging.getLogger(__name__)
 HOST_LINK = "eth0"
 
 FaultKind = Literal["link-down", "kill-qemu", "kill-libvirtd", "bandwidth"]
-FAULT_OUTCOMES = ("completed", "source-running", "postcopy-recovered", "guest-lost", "not-struck")
+FAULT_OUTCOMES = ("completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain", "not-struck")
 TRIGGER_FIELDS = ("at_s", "at_progress_pct", "at_iteration", "at_postcopy")
 COMMAND_TIMEOUT_S = 20.0
 # Time for a SIGKILLed process to disappear from /proc.
@@ -659,6 +661,7 @@ class FaultInjector:
                                     "postcopy paused with abortJobFlags(POSTCOPY)")
             except libvirt.libvirtError as exc:
                 report.steps.append(f"{now_s:.1f} s: abortJobFlags(POSTCOPY) failed: {exc.get_error_message()}")
+                self._pause_through_qmp(now_s)
             verdict = CONTINUE
         else:
             report.steps.append(f"{now_s:.1f} s: no end {self.timeouts.settle_s:g} s after the strike; "
@@ -668,6 +671,27 @@ class FaultInjector:
         if self._link_down:
             self._set_link(up=True, now_s=now_s)
         return verdict
+
+    def _pause_through_qmp(self, now_s: float) -> None:
+        """Pause a postcopy migration with QEMU's migrate-pause when libvirt rejects the pause.
+
+        libvirt 11.3 accepts abortJobFlags(POSTCOPY) only once its job has
+        reached its postcopy phase ("current job is not outgoing migration in
+        post-copy mode" before). QEMU accepts migrate-pause only in
+        postcopy-active or postcopy-recover, so a migration still in precopy
+        is left alone.
+
+        NOTE: on the local lab, a link cut right after the switch request
+        found QEMU still before its switch too (it rejected migrate-pause).
+        QEMU switched once the link was back, and the recovery then waits for
+        that postcopy to complete. A pause through this path was not observed.
+        """
+        try:
+            libvirt_monitor(self.source_domain)("migrate-pause")
+        except (LabError, libvirt.libvirtError) as exc:
+            self.report.steps.append(f"{now_s:.1f} s: migrate-pause on the source QEMU failed: {exc}")
+            return
+        self.report.steps.append(f"{now_s:.1f} s: postcopy paused with QEMU's migrate-pause on the source")
 
     # -- actions --------------------------------------------------------------
 
@@ -853,6 +877,61 @@ def domain_state(conn: libvirt.virConnect | None, name: str) -> str:
     return text
 
 
+def qemu_status(conn: libvirt.virConnect | None, name: str) -> str | None:
+    """Return the run state that the guest's QEMU reports (QMP query-status), or None if it cannot be asked.
+
+    libvirt's domain state follows QEMU's events and can lag behind QEMU
+    around a postcopy switch, so QEMU's own state decides which host
+    executes the guest. On a
+    destination whose incoming migration job is still open, libvirt 11.3
+    waits up to 30 s for the job lock before it fails.
+    """
+    if conn is None:
+        return None
+    try:
+        dom = conn.lookupByName(name)
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "query-status"}), 0))
+    except libvirt.libvirtError as exc:
+        log.debug("query-status of %s failed: %s", name, exc.get_error_message())
+        return None
+    status = (reply.get("return") or {}).get("status")
+    return str(status) if status is not None else None
+
+
+def runs_guest(libvirt_state: str, qemu_state: str | None) -> bool:
+    """Return whether one host executes the guest: QEMU's state decides, libvirt's only when QEMU gave none."""
+    if qemu_state is not None:
+        return qemu_state == "running"
+    return libvirt_state == "running"
+
+
+def host_state_text(libvirt_state: str, qemu_state: str | None) -> str:
+    """Return the state to record for one host: libvirt's, followed by QEMU's where the two differ."""
+    if qemu_state is None or qemu_state == libvirt_state.split("/")[0]:
+        return libvirt_state
+    return f"{libvirt_state} (QEMU: {qemu_state})"
+
+
+def classify_fault(*, struck: bool, run_outcome: str, recovered: bool | None, guest_alive: bool,
+                   switched: bool, source_runs: bool, destination_runs: bool) -> str:
+    """Return the fault outcome (:data:`FAULT_OUTCOMES`) of one run.
+
+    *switched* means the destination QEMU ran the guest at some point (the
+    postcopy switch happened, or the destination's console shows the
+    workload), so the source's memory is no longer the guest's. Two running
+    QEMUs are ``split-brain`` whatever else happened, also without a strike.
+    """
+    if source_runs and destination_runs:
+        return "split-brain"
+    if not struck:
+        return "not-struck"
+    if run_outcome == "completed":
+        return "postcopy-recovered" if recovered else "completed"
+    if guest_alive and source_runs and not switched:
+        return "source-running"
+    return "guest-lost"
+
+
 def libvirt_monitor(dom: libvirt.virDomain) -> Callable[..., Any]:
     """Return a function that runs one QMP command on *dom*'s QEMU through libvirt.
 
@@ -876,6 +955,8 @@ def libvirt_monitor(dom: libvirt.virDomain) -> Callable[..., Any]:
 
 # QEMU's query-migrate status of a postcopy migration that lost its connection.
 POSTCOPY_PAUSED = "postcopy-paused"
+# QEMU's query-migrate status while postcopy moves pages.
+POSTCOPY_ACTIVE = "postcopy-active"
 
 
 @dataclass
@@ -883,6 +964,8 @@ class ResumeResult:
     """Outcome of one postcopy recovery: whether QEMU finished the migration, and how long it took."""
 
     finished: bool
+    # Whether the source got the resume command; False for a migration that completed without it.
+    resumed: bool = False
     error: str | None = None
     # From the source's resume command to the destination reporting the migration completed.
     took_s: float = 0.0
@@ -901,7 +984,10 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     *listen_host* with a port that QEMU chooses, and the source gets
     ``migrate`` with ``resume: true`` to that port. Nothing is sent unless
     both QEMUs report ``postcopy-paused`` within *pause_wait_s*, so a guest
-    in any other state is left as it is.
+    in any other state is left as it is. A migration that the destination
+    reports as ``postcopy-active`` (and the source as ``postcopy-active`` or
+    ``completed``) still moves pages (as after a cut that QEMU's
+    switch came after), so it gets *timeout_s* to complete or pause instead.
 
     libvirt's VIR_MIGRATE_POSTCOPY_RESUME is not used: libvirtd 11.3
     dereferences a NULL pointer in qemuMigrationDstPrepareResume and crashes
@@ -910,19 +996,35 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     as it does for a migration that completed while no API call watched it.
     """
     result = ResumeResult(finished=False)
-    deadline = clock() + pause_wait_s
+    started = clock()
+    deadline = started + pause_wait_s
+    active_noted = False
     while True:
         try:
-            states = {"source": source_monitor("query-migrate").get("status"),
-                      "destination": destination_monitor("query-migrate").get("status")}
+            # The destination first: once it completed, the source's guest may be gone.
+            destination_state = destination_monitor("query-migrate").get("status")
+            if destination_state == "completed":
+                result.finished = True
+                result.steps.append("the destination QEMU reports the migration completed without a resume")
+                result.took_s = clock() - started
+                return result
+            states = {"source": source_monitor("query-migrate").get("status"), "destination": destination_state}
         except (LabError, QMPError, OSError) as exc:
             result.error = f"reading the migration state failed: {exc}"
             return result
         if all(state == POSTCOPY_PAUSED for state in states.values()):
             break
-        if clock() >= deadline:
+        # The source reports completed once it has sent the last page, before the destination does.
+        active = destination_state == POSTCOPY_ACTIVE and states["source"] in (POSTCOPY_ACTIVE, "completed")
+        if active and not active_noted:
+            active_noted = True
+            result.steps.append(f"QEMU reports the migration as {states['source']} on the source and "
+                                f"{destination_state} on the destination; waiting up to {timeout_s:g} s for it "
+                                "to complete or pause")
+        if clock() >= (started + timeout_s if active else deadline):
             result.error = (f"not resumed: QEMU reports the migration as {states['source']} on the source and "
                             f"{states['destination']} on the destination, not both {POSTCOPY_PAUSED}")
+            result.took_s = clock() - started
             return result
         sleep(poll_s)
     result.steps.append(f"both QEMUs report {POSTCOPY_PAUSED}")
@@ -946,6 +1048,7 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     except (LabError, QMPError, OSError) as exc:
         result.error = f"migrate with resume on the source failed: {exc}"
         return result
+    result.resumed = True
     result.steps.append("source QEMU resumed the migration")
 
     deadline = started + timeout_s

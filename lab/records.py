@@ -455,7 +455,8 @@ DISK_COLUMNS = ["disk_cache", "disk_unsafe_flag", "disk_writes_source", "disk_wr
                 "disk_write_errors"]
 
 
-FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "not-struck"]
+FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain",
+                       "not-struck"]
 
 
 class FaultRecord(BaseModel):

@@ -229,8 +229,9 @@ def _faults_markdown(runs: pd.DataFrame) -> list[str]:
             table[heading] = [_fault_cell(column, value) for value in faulty[column]]
     return ["## Faults", "",
             "Fault outcome: completed, source-running (the migration failed and the guest still runs on "
-            "the source), postcopy-recovered (paused in postcopy, resumed and finished), guest-lost, or "
-            "not-struck (the migration ended before the trigger).", "",
+            "the source), postcopy-recovered (paused in postcopy, resumed and finished), guest-lost, "
+            "split-brain (the QEMUs of both hosts ran the guest) or not-struck (the migration ended before "
+            "the trigger).", "",
             table.to_markdown(index=False), ""]
 
 

@@ -36,8 +36,8 @@ from lab.hosts.shell import HostFile
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
 from lab.errors import ConfigError
 from lab.faults import (DESTINATION_KINDS, LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, ShellStrikes,
-                        domain_state, fault_host_problems, kill_leftover_qemu, resume_postcopy_through_socket,
-                        wait_for_migrated_guest)
+                        classify_fault, domain_state, fault_host_problems, host_state_text, kill_leftover_qemu,
+                        qemu_status, resume_postcopy_through_socket, runs_guest, wait_for_migrated_guest)
 from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
                          migration_connections_argv)
 from lab.locking import experiment_lock
@@ -401,11 +401,14 @@ class ExperimentRunner:
                                                           last_seq)
             if injector is not None and result.outcome != "completed" and result.postcopy_started_at_s is not None:
                 # Reports printed on the source before the switch do not make a
-                # guest that stayed paused in postcopy alive.
+                # guest that stayed paused in postcopy alive. libvirt's state can
+                # lag behind QEMU's, so QEMU's query-status decides.
                 state = domain_state(self.source, name)
-                if state != "running":
+                qemu_state = qemu_status(self.source, name) if state == "running" else None
+                if not runs_guest(state, qemu_state):
                     outcome = "guest-lost"
-                    error = f"{error}; the guest stopped in postcopy and was not recovered (source: {state})"
+                    error = (f"{error}; the guest stopped in postcopy and was not recovered "
+                             f"(source: {host_state_text(state, qemu_state)})")
             phases["integrity_s"] = time.monotonic() - t
         except KeyboardInterrupt:
             if probes is not None:
@@ -427,7 +430,18 @@ class ExperimentRunner:
             if injector is not None:
                 # Undone again here for a run that failed before the migration's own undo.
                 self._undo_fault(injector, warnings)
-                fault = self._fault_record(injector, name, outcome, error, integrity)
+                fault = self._fault_record(injector, name, outcome, error, integrity,
+                                           switched=self._destination_ran(result, destination_console))
+                if fault.outcome == "split-brain":
+                    message = (f"split brain: the QEMUs of both {self.source_host.name} and "
+                               f"{self.destination_host.name} run guest {name} after the {fault.kind} fault "
+                               f"(source: {fault.source_state}, destination: {fault.destination_state}); "
+                               "the run's cleanup destroys both")
+                    log.error("run %s: %s", run_id, message)
+                    warnings.append(message)
+                    error = message if error is None else f"{error}; {message}"
+                    if outcome == "completed":
+                        outcome = "failed"
             self._remove_guest(name)
             if injector is not None:
                 killed = kill_leftover_qemu(name)
@@ -646,15 +660,16 @@ class ExperimentRunner:
         report.steps.extend(f"postcopy recovery: {step}" for step in resumed.steps)
         report.steps.append(f"postcopy recovery: {'completed' if resumed.finished else resumed.error} "
                             f"after {resumed.took_s:.1f} s")
-        report.recovered = resumed.finished
-        if resumed.took_s:
+        # A migration that completed without the resume command was not recovered, only waited for.
+        report.recovered = resumed.finished and resumed.resumed
+        if resumed.resumed and resumed.took_s:
             report.recovery_ms = resumed.took_s * 1000.0
         if not resumed.finished:
             report.timed_out = report.timed_out or resumed.took_s >= timeout_s
             return
         new_domain = wait_for_migrated_guest(self.source, self.destination, dom.name(), LIBVIRT_SETTLE_S)
         if new_domain is None:
-            report.recovered = False
+            report.recovered = False if resumed.resumed else None
             report.steps.append(f"QEMU completed the migration, but libvirt did not end the migration job within "
                                 f"{LIBVIRT_SETTLE_S:g} s (source: {domain_state(self.source, dom.name())}, "
                                 f"destination: {domain_state(self.destination, dom.name())})")
@@ -685,20 +700,38 @@ class ExperimentRunner:
         self.destination = self.destination_host.connect()
         injector.report.steps.append(f"the destination's libvirtd runs again after {time.monotonic() - t:.1f} s")
 
+    def _destination_ran(self, result: MigrationResult | None, destination_console: Path | HostFile) -> bool:
+        """Return whether the destination QEMU ran the guest, from libvirt's resume events or its console."""
+        if result is not None and any(event.host == self.destination_host.name and event.kind == "resumed"
+                                      for event in result.events):
+            return True
+        return scan_console(read_console(destination_console)).last_report is not None
+
     def _fault_record(self, injector: FaultInjector, guest_name: str, outcome: str, error: str | None,
-                      integrity: Integrity) -> FaultRecord:
-        """Classify where the guest ended after the fault, with the state of both sides."""
+                      integrity: Integrity, *, switched: bool) -> FaultRecord:
+        """Classify where the guest ended after the fault, with the state of both sides.
+
+        libvirt's state follows QEMU's events and can lag behind QEMU around
+        the postcopy switch, so a host counts as running the guest only when
+        its QEMU's query-status returns ``running``.
+        """
         report = injector.report
-        report.source_state = domain_state(self.source, guest_name)
-        report.destination_state = domain_state(self.destination, guest_name)
-        if report.struck_at_s is None:
-            fault_outcome = "not-struck"
-        elif outcome == "completed":
-            fault_outcome = "postcopy-recovered" if report.recovered else "completed"
-        elif integrity.guest_alive and report.source_state == "running":
-            fault_outcome = "source-running"
-        else:
-            fault_outcome = "guest-lost"
+        sides = {}
+        for side, conn in (("source", self.source), ("destination", self.destination)):
+            libvirt_state = domain_state(conn, guest_name)
+            # QEMU is asked only where libvirt has a guest that may run, because a
+            # destination with an open incoming job makes query-status wait 30 s.
+            qemu_state = qemu_status(conn, guest_name) if libvirt_state.startswith("running") else None
+            sides[side] = (libvirt_state, qemu_state)
+        report.source_state = host_state_text(*sides["source"])
+        report.destination_state = host_state_text(*sides["destination"])
+        fault_outcome = classify_fault(
+            struck=report.struck_at_s is not None, run_outcome=outcome, recovered=report.recovered,
+            guest_alive=integrity.guest_alive, switched=switched, source_runs=runs_guest(*sides["source"]),
+            destination_runs=runs_guest(*sides["destination"]))
+        if fault_outcome == "guest-lost" and switched and runs_guest(*sides["source"]):
+            report.steps.append("the source runs the guest again after the destination had run it, "
+                                "so the source's memory is not the guest's latest")
         if report.detail is None:
             # The run's error says why the migration failed; the steps say what the harness did.
             report.detail = error or (report.steps[-1] if report.steps else None)

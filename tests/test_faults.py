@@ -357,6 +357,7 @@ def test_resume_sends_recover_then_resume():
                                    "completed"], socket_address=LISTEN)
     result = resume(source, destination)
     assert result.finished, result.error
+    assert result.resumed
     assert result.error is None
     assert ("migrate-recover", {"uri": "tcp:10.77.0.12:0"}) in destination.commands
     assert source.commands[-1] == ("migrate", {"uri": "tcp:10.77.0.12:49231", "resume": True})
@@ -375,8 +376,9 @@ def test_resume_waits_for_both_sides_paused():
 
 @pytest.mark.parametrize("source_state, destination_state", [
     ("postcopy-active", "postcopy-paused"),
-    ("postcopy-paused", "completed"),
+    ("postcopy-paused", "postcopy-recover"),
     ("failed", "postcopy-paused"),
+    ("active", "active"),
 ])
 def test_resume_leaves_guest_not_paused_alone(source_state, destination_state):
     source = ScriptedMonitor([source_state])
@@ -388,6 +390,60 @@ def test_resume_leaves_guest_not_paused_alone(source_state, destination_state):
     assert destination_state in result.error
     assert source.sent() == []
     assert destination.sent() == []
+
+
+def test_resume_counts_completed_destination():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["completed"], socket_address=LISTEN)
+    result = resume(source, destination)
+    assert result.finished
+    assert not result.resumed
+    assert result.error is None
+    assert source.sent() == []
+    assert destination.sent() == []
+
+
+def test_resume_waits_for_active_postcopy():
+    # QEMU switched to postcopy only once the link was back, so postcopy goes on and completes.
+    source = ScriptedMonitor(["postcopy-active"])
+    destination = ScriptedMonitor(["postcopy-active"] * 80 + ["completed"], socket_address=LISTEN)
+    result = resume(source, destination, timeout_s=30.0)
+    assert result.finished, result.error
+    assert not result.resumed
+    assert source.sent() == []
+    assert any("postcopy-active on the source and postcopy-active on the destination" in step
+               for step in result.steps)
+
+
+def test_resume_waits_for_destination_after_source():
+    # Seen on the local lab: the source reports completed some seconds before the destination.
+    source = ScriptedMonitor(["postcopy-active"] * 10 + ["completed"])
+    destination = ScriptedMonitor(["postcopy-active"] * 80 + ["completed"], socket_address=LISTEN)
+    result = resume(source, destination, timeout_s=30.0)
+    assert result.finished, result.error
+    assert not result.resumed
+    assert source.sent() == []
+
+
+def test_resume_after_active_postcopy_pauses():
+    source = ScriptedMonitor(["postcopy-active"] * 60 + ["postcopy-paused"])
+    destination = ScriptedMonitor(["postcopy-active"] * 60 + ["postcopy-paused", "postcopy-paused",
+                                                              "postcopy-recover", "completed"],
+                                  socket_address=LISTEN)
+    result = resume(source, destination, timeout_s=30.0)
+    assert result.finished, result.error
+    assert result.resumed
+    assert source.sent() == ["migrate"]
+
+
+def test_resume_active_postcopy_times_out():
+    source = ScriptedMonitor(["postcopy-active"])
+    destination = ScriptedMonitor(["postcopy-active"], socket_address=LISTEN)
+    result = resume(source, destination, timeout_s=5.0)
+    assert not result.finished
+    assert "not resumed" in result.error
+    assert result.took_s >= 5.0
+    assert source.sent() == []
 
 
 def test_resume_without_listening_port():
@@ -455,3 +511,207 @@ class OwnedDomain:
 
     def metadata(self, kind, namespace):
         return '<owner run="r1"/>'
+
+
+# Classification of where the guest ended
+
+
+def classify(**values) -> str:
+    defaults = dict(struck=True, run_outcome="failed", recovered=None, guest_alive=True, switched=False,
+                    source_runs=False, destination_runs=False)
+    defaults.update(values)
+    return faults.classify_fault(**defaults)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"struck": False, "run_outcome": "completed"}, "not-struck"),
+    ({"run_outcome": "completed", "destination_runs": True}, "completed"),
+    ({"run_outcome": "completed", "recovered": True, "destination_runs": True}, "postcopy-recovered"),
+    ({"source_runs": True}, "source-running"),
+    ({"source_runs": True, "guest_alive": False}, "guest-lost"),
+    ({"source_runs": False}, "guest-lost"),
+    # The destination ran the guest, so a source that runs again has stale memory.
+    ({"source_runs": True, "switched": True}, "guest-lost"),
+    ({"switched": True, "destination_runs": True}, "guest-lost"),
+    ({"source_runs": True, "destination_runs": True}, "split-brain"),
+    ({"source_runs": True, "destination_runs": True, "switched": True}, "split-brain"),
+    ({"source_runs": True, "destination_runs": True, "run_outcome": "completed"}, "split-brain"),
+    ({"source_runs": True, "destination_runs": True, "struck": False}, "split-brain"),
+])
+def test_classify_fault_outcomes(values, expected):
+    assert classify(**values) == expected
+
+
+def test_classify_outcomes_are_recordable():
+    for outcome in faults.FAULT_OUTCOMES:
+        record = FaultRecord(kind="link-down", trigger="postcopy", spec={}, outcome=outcome)
+        assert record.outcome == outcome
+
+
+@pytest.mark.parametrize("libvirt_state, qemu_state, expected", [
+    ("running", "running", True),
+    # libvirt's state lagging behind a QEMU that stopped the vCPUs at the switch.
+    ("running", "finish-migrate", False),
+    ("running", "postmigrate", False),
+    ("running", None, True),
+    ("paused/postcopy", None, False),
+    ("absent", None, False),
+])
+def test_runs_guest_trusts_qemu(libvirt_state, qemu_state, expected):
+    assert faults.runs_guest(libvirt_state, qemu_state) is expected
+
+
+def test_host_state_text_shows_disagreement():
+    assert faults.host_state_text("running", "running") == "running"
+    assert faults.host_state_text("paused/postcopy", None) == "paused/postcopy"
+    assert faults.host_state_text("running", "finish-migrate") == "running (QEMU: finish-migrate)"
+
+
+class StateDomain:
+    def __init__(self, name: str, state: int, reason: int, qemu: str | None):
+        self._name, self._state, self.qemu = name, (state, reason), qemu
+
+    def name(self):
+        return self._name
+
+    def state(self):
+        return self._state
+
+
+class StateConnection:
+    """A libvirt connection with at most one guest."""
+
+    def __init__(self, dom: StateDomain | None):
+        self.dom = dom
+
+    def lookupByName(self, name):
+        if self.dom is None or self.dom.name() != name:
+            error = libvirt.libvirtError("no domain")
+            error.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", "", "", 0, 0)
+            raise error
+        return self.dom
+
+
+def fake_monitor(dom, command, flags):
+    assert '"query-status"' in command
+    if dom.qemu is None:
+        error = libvirt.libvirtError("monitor gone")
+        error.err = (libvirt.VIR_ERR_OPERATION_INVALID, 0, "monitor gone", 0, "", "", "", 0, 0)
+        raise error
+    return '{"return": {"status": "%s", "running": %s}}' % (dom.qemu, "true" if dom.qemu == "running" else "false")
+
+
+def test_qemu_status_asks_query_status(monkeypatch):
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", fake_monitor)
+    running = StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 0, "finish-migrate"))
+    gone = StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 0, None))
+    assert faults.qemu_status(running, "g") == "finish-migrate"
+    assert faults.qemu_status(gone, "g") is None
+    assert faults.qemu_status(StateConnection(None), "g") is None
+    assert faults.qemu_status(None, "g") is None
+
+
+def fault_runner(source: StateConnection, destination: StateConnection):
+    from lab.runner import ExperimentRunner
+
+    runner = object.__new__(ExperimentRunner)
+    runner.source, runner.destination = source, destination
+    return runner
+
+
+def cut_at_switch(tmp_path) -> FaultInjector:
+    injector = FaultInjector(spec(kind="link-down", at_postcopy=True), RecordingLab(tmp_path), source_host="h1",
+                             destination_host="h2", source_shell=None, source_interface="eth0",
+                             guest_name="g", source_domain=None, timeouts=FaultTimeouts())
+    injector.report.struck_at_s = 0.9
+    injector.report.in_postcopy = True
+    return injector
+
+
+def alive():
+    from lab.records import Integrity
+
+    return Integrity(guest_alive=True, reports_after_migration=3, bad_pages=0, console_trouble=[],
+                     checked_pages=10)
+
+
+def test_fault_record_both_running_is_split_brain(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", fake_monitor)
+    runner = fault_runner(StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "running")),
+                          StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "running")))
+    record = runner._fault_record(cut_at_switch(tmp_path), "g", "failed", "link down", alive(), switched=True)
+    assert record.outcome == "split-brain"
+    assert record.source_state == "running"
+    assert record.destination_state == "running"
+
+
+def test_fault_record_stopped_source_is_not_running(tmp_path, monkeypatch):
+    # libvirt lists the source as running, but its QEMU stopped the vCPUs at the switch.
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", fake_monitor)
+    runner = fault_runner(StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "finish-migrate")),
+                          StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "running")))
+    record = runner._fault_record(cut_at_switch(tmp_path), "g", "failed", "link down", alive(), switched=True)
+    assert record.outcome == "guest-lost"
+    assert record.source_state == "running (QEMU: finish-migrate)"
+
+
+def test_fault_record_source_after_switch_not_source_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", fake_monitor)
+    runner = fault_runner(StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "running")),
+                          StateConnection(None))
+    injector = cut_at_switch(tmp_path)
+    record = runner._fault_record(injector, "g", "failed", "link down", alive(), switched=True)
+    assert record.outcome == "guest-lost"
+    assert record.destination_state == "absent"
+    assert "not the guest's latest" in injector.report.steps[-1]
+
+
+def test_fault_record_precopy_cut_keeps_source_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", fake_monitor)
+    paused_incoming = StateDomain("g", libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION, None)
+    runner = fault_runner(StateConnection(StateDomain("g", libvirt.VIR_DOMAIN_RUNNING, 1, "running")),
+                          StateConnection(paused_incoming))
+    record = runner._fault_record(cut_at_switch(tmp_path), "g", "failed", "link down", alive(), switched=False)
+    assert record.outcome == "source-running"
+    assert record.destination_state == "paused/migration"
+
+
+class UnswitchedDomain(PausingDomain):
+    """A source whose libvirt job has not reached its postcopy phase, as after a cut right at the switch."""
+
+    def name(self):
+        return "g"
+
+    def abortJobFlags(self, flags):
+        super().abortJobFlags(flags)
+        error = libvirt.libvirtError("not in post-copy mode")
+        error.err = (libvirt.VIR_ERR_OPERATION_INVALID, 0,
+                     "current job is not outgoing migration in post-copy mode", 0, "", "", "", 0, 0)
+        raise error
+
+
+@pytest.mark.parametrize("reply, step", [
+    ('{"return": {}}', "postcopy paused with QEMU's migrate-pause"),
+    ('{"error": {"class": "GenericError", "desc": "migrate-pause is currently only supported during '
+     'postcopy-active or postcopy-recover state"}}', "migrate-pause on the source QEMU failed"),
+])
+def test_postcopy_pause_falls_back_to_qmp(tmp_path, monkeypatch, reply, step):
+    commands = []
+
+    def monitor(dom, command, flags):
+        commands.append(command)
+        return reply
+
+    monkeypatch.setattr(faults.libvirt_qemu, "qemuMonitorCommand", monitor)
+    dom = UnswitchedDomain()
+    fault_injector = FaultInjector(spec(kind="link-down", at_postcopy=True), RecordingLab(tmp_path),
+                                   source_host="h1", destination_host="h2", source_shell=None,
+                                   source_interface="br0", guest_name="g", source_domain=dom,
+                                   timeouts=FaultTimeouts(settle_s=2.0))
+    fault_injector.poll(1.0, {}, True)
+    assert fault_injector.poll(3.0, {}, True) is None
+    assert dom.abort_flags == [libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY]
+    assert commands == ['{"execute": "migrate-pause"}']
+    assert any(step in line for line in fault_injector.report.steps)
+    # The link comes back after the pause, so the migration can be resumed.
+    assert fault_injector.report.restored_at_s == 3.0

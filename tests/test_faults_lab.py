@@ -4,6 +4,7 @@ One hybrid experiment with four faults: the link cut during precopy and
 during postcopy (back after 10 s, but the harness pauses the migration and
 brings the link back after fault_settle_s), the destination QEMU killed and
 the destination libvirtd killed. Probes are off to keep the runs short.
+A second experiment cuts the link right at the switch to postcopy.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def test_killed_libvirtd_restarted(experiment, shared_lab):
         conn.close()
 
 
-def test_no_qemu_outlives_its_run(experiment, shared_lab):
+def lab_qemu_pids(shared_lab) -> list[int]:
+    """Return the pids of QEMU processes in the lab's host namespaces."""
     namespaces = {netns_path(shared_lab.netns_name(host)).stat().st_ino for host in ("h1", "h2")}
     left = []
     for path in Path("/proc").iterdir():
@@ -188,7 +190,11 @@ def test_no_qemu_outlives_its_run(experiment, shared_lab):
             continue
         if b"qemu-system" in program and inode in namespaces:
             left.append(int(path.name))
-    assert left == []
+    return left
+
+
+def test_no_qemu_outlives_its_run(experiment, shared_lab):
+    assert lab_qemu_pids(shared_lab) == []
 
 
 def test_lab_left_working(experiment, shared_lab):
@@ -208,3 +214,72 @@ def test_report_has_fault_table(experiment):
         assert run_id in text
     assert "source-running" in text
     assert "postcopy-recovered" in text
+
+
+# A link cut right at the switch to postcopy: the source libvirtd's job has
+# not reached its postcopy phase yet, so libvirt rejects the pause while the
+# QEMUs go on in postcopy once the link is back.
+CUT_AT_SWITCH = """
+experiment: lab-cut-at-switch
+lab:
+  hosts: 2
+guest:
+  memory_mib: 160
+  vcpus: 1
+workload:
+  working_set_mib: 32
+  dirty_rate_mib_s: 4
+  pattern: random
+migration:
+  strategy: postcopy
+  bandwidth_mib_s: 8
+  max_time_s: 120
+  postcopy_bandwidth_mib_s: 1
+  fault: {kind: link-down, at_postcopy: true}
+repetitions: 1
+probes:
+  echo: {enabled: false}
+  stream: {enabled: false}
+  capture: {enabled: false}
+timeouts:
+  fault_settle_s: 6
+  fault_abort_s: 10
+  postcopy_recovery_s: 90
+"""
+
+
+@pytest.fixture(scope="module")
+def cut_at_switch(shared_lab, guest_image, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cut-at-switch")
+    playbook_path = folder / "playbook.yaml"
+    playbook_path.write_text(CUT_AT_SWITCH)
+    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
+                              lab=shared_lab, show_progress=False)
+    summary = runner.run()
+    (run_id,) = summary.outcomes
+    return load_record(summary.experiment_dir / "runs" / run_id)
+
+
+def test_cut_at_switch_ends_on_destination(cut_at_switch):
+    record = cut_at_switch
+    fault = record.fault
+    steps = json.dumps(fault.steps, indent=1)
+    assert fault.struck_at_s is not None
+    assert fault.in_postcopy
+    assert fault.outcome in ("completed", "postcopy-recovered"), steps
+    assert record.outcome == "completed", f"{record.error}\n{steps}"
+    assert fault.source_state == "absent", steps
+    assert fault.destination_state == "running", steps
+    assert record.integrity.guest_alive
+    assert record.integrity.bad_pages == 0
+    assert not any("split brain" in warning for warning in record.warnings), record.warnings
+
+
+def test_cut_at_switch_leaves_no_guest(cut_at_switch, shared_lab):
+    for host in ("h1", "h2"):
+        conn = libvirt.open(shared_lab.host(host).libvirt_uri)
+        try:
+            assert conn.listAllDomains() == [], host
+        finally:
+            conn.close()
+    assert lab_qemu_pids(shared_lab) == []
