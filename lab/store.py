@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from lab.errors import ConfigError, LabError
 from lab.playbook import SCENARIO_FIELDS, Playbook, Scenario
-from lab.records import (DISK_COLUMNS, FAULT_COLUMNS, OBSERVED_COLUMNS, TIMELINE_COLUMNS, Environment, Integrity,
+from lab.records import (DISK_COLUMNS, FAULT_COLUMNS, OBSERVED_COLUMNS, Environment, Integrity,
                          Measured, MigrationStats, RecordVersionError, RunRecord, make_timeline, run_id_for,
                          validate_events)
 

@@ -10,19 +10,18 @@ A second experiment cuts the link right at the switch to postcopy.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import libvirt
 import pytest
 
 from lab.guest.console import scan_console
 from lab.hosts import shaping
-from lab.hosts.netns import netns_path
 from lab.hosts.shell import NamespaceShell
 from lab.playbook import load_playbook
 from lab.report import write_report
 from lab.runner import ExperimentRunner
 from lab.store import load_record
+from tests.lab_processes import lab_qemu_pids
 
 pytestmark = pytest.mark.lab
 
@@ -176,21 +175,6 @@ def test_killed_libvirtd_restarted(experiment, shared_lab):
         conn.close()
 
 
-def lab_qemu_pids(shared_lab) -> list[int]:
-    """Return the pids of QEMU processes in the lab's host namespaces."""
-    namespaces = {netns_path(shared_lab.netns_name(host)).stat().st_ino for host in ("h1", "h2")}
-    left = []
-    for path in Path("/proc").iterdir():
-        if not path.name.isdigit():
-            continue
-        try:
-            program = (path / "cmdline").read_bytes().split(b"\0", 1)[0]
-            inode = (path / "ns" / "net").stat().st_ino
-        except OSError:
-            continue
-        if b"qemu-system" in program and inode in namespaces:
-            left.append(int(path.name))
-    return left
 
 
 def test_no_qemu_outlives_its_run(experiment, shared_lab):

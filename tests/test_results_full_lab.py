@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.hosts.netns import list_netns, netns_path
+from lab.hosts.netns import list_netns
 from lab.store import load_record
+from tests.lab_processes import lab_qemu_pids
 
 pytestmark = pytest.mark.lab
 
@@ -112,20 +113,6 @@ def guest_consoles(shared_lab) -> set[Path]:
             for path in (shared_lab.host_dir(host) / "var/log/libvirt/qemu").glob("mlab-*-console.log")}
 
 
-def qemu_in_lab(shared_lab) -> list[int]:
-    namespaces = {netns_path(shared_lab.netns_name(host)).stat().st_ino for host in ("h1", "h2")}
-    found = []
-    for path in Path("/proc").iterdir():
-        if not path.name.isdigit():
-            continue
-        try:
-            program = (path / "cmdline").read_bytes().split(b"\0", 1)[0]
-            inode = (path / "ns" / "net").stat().st_ino
-        except OSError:
-            continue
-        if b"qemu-system" in program and inode in namespaces:
-            found.append(int(path.name))
-    return found
 
 
 def test_full_results_folder_stops_run_cleanly(shared_lab, guest_image, small_results, tmp_path):
@@ -171,6 +158,6 @@ def test_full_results_folder_stops_run_cleanly(shared_lab, guest_image, small_re
     assert sorted(entry.name for entry in runs_dir.iterdir()) in (["precopy-r1"], ["precopy-r1", "precopy-r2"])
 
     assert all(not names for names in shared_lab.status().domains.values())
-    assert qemu_in_lab(shared_lab) == []
+    assert lab_qemu_pids(shared_lab) == []
     assert lab_namespaces(shared_lab) == namespaces_before
     assert guest_consoles(shared_lab) - consoles_before == set()

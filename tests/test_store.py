@@ -15,7 +15,7 @@ import pytest
 from lab import store
 from lab.errors import ConfigError
 from lab.playbook import SCENARIO_FIELDS, Playbook
-from lab.records import TIMELINE_COLUMNS, Integrity, RecordVersionError, make_timeline
+from lab.records import TIMELINE_COLUMNS, Integrity, RecordVersionError
 from lab.store import (RUN_COLUMNS, StoreError, finished_run_ids, init_experiment, load_events,
                        load_record, load_runs, load_timeline, write_run)
 from tests.fixtures.fabricate import (PLAYBOOK_TEXT, environment, fabricate_events,
