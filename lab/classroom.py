@@ -117,7 +117,8 @@ _TEXT = {
         "faults_note": ("Una fila por ejecución con fallo, tal como la guarda record.json (sección fault). "
                         "Resultado del fallo: completed (la migración terminó), source-running (la migración "
                         "falló y el guest sigue en la fuente), postcopy-recovered (postcopy se pausó y la "
-                        "recuperación la terminó), guest-lost (ningún host ejecuta el guest), not-struck (la "
+                        "recuperación la terminó), guest-lost (ningún host ejecuta el guest), split-brain (los QEMU de "
+                        "ambos hosts ejecutaron el guest), not-struck (la "
                         "migración terminó antes del disparo)."),
         "no_faults": "Ninguna ejecución de estos resultados tuvo un fallo.",
         "fault_columns": {"run_id": "ejecución", "fault_kind": "fallo", "fault_trigger": "disparo",
@@ -141,7 +142,8 @@ _TEXT = {
         "faults_note": ("One row per run with a fault, as record.json stores it (its fault section). "
                         "Fault outcome: completed (the migration finished), source-running (the migration "
                         "failed and the guest still runs on the source), postcopy-recovered (postcopy was "
-                        "paused and recovery finished it), guest-lost (no host runs the guest), not-struck "
+                        "paused and recovery finished it), guest-lost (no host runs the guest), split-brain (the QEMUs "
+                        "of both hosts ran the guest), not-struck "
                         "(the migration ended before the trigger)."),
         "no_faults": "No run of these results had a fault.",
         "fault_columns": {"run_id": "run", "fault_kind": "fault", "fault_trigger": "trigger",

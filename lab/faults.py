@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import libvirt
@@ -76,7 +76,9 @@ log = logging.getLogger(__name__)
 HOST_LINK = "eth0"
 
 FaultKind = Literal["link-down", "kill-qemu", "kill-libvirtd", "bandwidth"]
-FAULT_OUTCOMES = ("completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain", "not-struck")
+FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain",
+                       "not-struck"]
+FAULT_OUTCOMES: tuple[str, ...] = get_args(FaultOutcome)
 TRIGGER_FIELDS = ("at_s", "at_progress_pct", "at_iteration", "at_postcopy")
 COMMAND_TIMEOUT_S = 20.0
 # Time for a SIGKILLed process to disappear from /proc.

@@ -45,7 +45,7 @@ PATTERNS: tuple[str, ...] = get_args(Pattern)
 Compression = Literal["none", "zlib", "zstd", "mt"]
 SaveFormat = Literal["raw", "sparse"]
 NIC_MODELS: tuple[str, ...] = get_args(NicModel)
-# Where the guest's disk lives (see GuestDiskSection).
+# Storage modes of the guest's disk (see GuestDiskSection).
 DiskStorage = Literal["shared", "local", "copy"]
 DISK_STORAGES: tuple[str, ...] = get_args(DiskStorage)
 

@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from lab import __version__
 from lab.errors import LabError
+from lab.faults import FaultOutcome
 from lab.playbook import ExperimentName, Scenario, ScenarioId
 
 log = logging.getLogger(__name__)
@@ -453,10 +454,6 @@ class DiskRecord(BaseModel):
 
 DISK_COLUMNS = ["disk_cache", "disk_unsafe_flag", "disk_writes_source", "disk_writes_destination",
                 "disk_write_errors"]
-
-
-FaultOutcome = Literal["completed", "source-running", "postcopy-recovered", "guest-lost", "split-brain",
-                       "not-struck"]
 
 
 class FaultRecord(BaseModel):
