@@ -7,13 +7,10 @@ left on either host afterwards.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from lab.playbook import load_playbook
-from lab.runner import ExperimentRunner
 from lab.store import load_events, load_record, load_timeline
+from tests.lab_helpers import run_playbook_text
 
 pytestmark = pytest.mark.lab
 
@@ -42,15 +39,7 @@ probes:
 
 @pytest.fixture(scope="module")
 def experiment(shared_lab, guest_image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("disk")
-    path = folder / "playbook.yaml"
-    path.write_text(PLAYBOOK)
-    runner = ExperimentRunner(load_playbook(path), results_root=folder / "results", lab=shared_lab,
-                              show_progress=False)
-    started = time.monotonic()
-    summary = runner.run()
-    print(f"\ndisk experiment: {len(summary.outcomes)} runs in {time.monotonic() - started:.0f} s")
-    return summary
+    return run_playbook_text(PLAYBOOK, shared_lab, tmp_path_factory.mktemp("disk"), "disk")
 
 
 def record(experiment, storage):

@@ -21,7 +21,7 @@ from lab.playbook import load_playbook
 from lab.report import write_report
 from lab.runner import ExperimentRunner
 from lab.store import load_record
-from tests.lab_processes import lab_qemu_pids
+from tests.lab_helpers import lab_qemu_pids
 
 pytestmark = pytest.mark.lab
 

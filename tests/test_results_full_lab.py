@@ -21,7 +21,7 @@ import pytest
 
 from lab.hosts.netns import list_netns
 from lab.store import load_record
-from tests.lab_processes import lab_qemu_pids
+from tests.lab_helpers import lab_qemu_pids
 
 pytestmark = pytest.mark.lab
 

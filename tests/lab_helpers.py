@@ -1,10 +1,13 @@
-"""Processes of a test session's local lab, for checks that a run left nothing behind."""
+"""Helpers of the lab tests: running a playbook on the session's lab, and finding its QEMU processes."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from lab.hosts.netns import netns_path
+from lab.playbook import load_playbook
+from lab.runner import ExperimentRunner
 
 
 def lab_qemu_pids(lab, hosts: tuple[str, ...] = ("h1", "h2")) -> list[int]:
@@ -22,3 +25,14 @@ def lab_qemu_pids(lab, hosts: tuple[str, ...] = ("h1", "h2")) -> list[int]:
         if b"qemu-system" in program and inode in namespaces:
             found.append(int(path.name))
     return found
+
+
+def run_playbook_text(text: str, lab, folder: Path, label: str):
+    """Write *text* as a playbook in *folder*, run it on *lab* and return the ExperimentSummary."""
+    path = folder / "playbook.yaml"
+    path.write_text(text)
+    runner = ExperimentRunner(load_playbook(path), results_root=folder / "results", lab=lab, show_progress=False)
+    started = time.monotonic()
+    summary = runner.run()
+    print(f"\n{label} experiment: {len(summary.outcomes)} runs in {time.monotonic() - started:.0f} s")
+    return summary
