@@ -58,12 +58,12 @@ from urllib.parse import urlsplit
 import libvirt
 import libvirt_qemu
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from lab.domain import require_owned
 from lab.errors import HostError, LabError
 from lab.hosts import shaping
+from lab.qmp import FAILURES as QMP_FAILURES, close_quietly
 
 if TYPE_CHECKING:
     from lab.hosts.local import LocalLab
@@ -1011,7 +1011,7 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
                 result.took_s = clock() - started
                 return result
             states = {"source": source_monitor("query-migrate").get("status"), "destination": destination_state}
-        except (LabError, QMPError, OSError) as exc:
+        except (LabError, *QMP_FAILURES) as exc:
             result.error = f"reading the migration state failed: {exc}"
             return result
         if all(state == POSTCOPY_PAUSED for state in states.values()):
@@ -1038,7 +1038,7 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     except StopIteration:
         result.error = "migrate-recover on the destination reported no listening TCP port"
         return result
-    except (LabError, QMPError, OSError, KeyError, ValueError) as exc:
+    except (LabError, *QMP_FAILURES, KeyError, ValueError) as exc:
         result.error = f"migrate-recover on the destination failed: {exc}"
         return result
     uri = f"tcp:{listen_host}:{port}"
@@ -1047,7 +1047,7 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     started = clock()
     try:
         source_monitor("migrate", uri=uri, resume=True)
-    except (LabError, QMPError, OSError) as exc:
+    except (LabError, *QMP_FAILURES) as exc:
         result.error = f"migrate with resume on the source failed: {exc}"
         return result
     result.resumed = True
@@ -1058,7 +1058,7 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     while clock() < deadline:
         try:
             status = destination_monitor("query-migrate").get("status")
-        except (LabError, QMPError, OSError) as exc:
+        except (LabError, *QMP_FAILURES) as exc:
             result.error = f"reading the destination's migration state failed: {exc}"
             break
         if status == "completed":
@@ -1090,14 +1090,11 @@ def resume_postcopy_through_socket(source_domain: libvirt.virDomain, destination
         destination_qmp.connect()
         destination_qmp.settimeout(RECOVERY_QMP_TIMEOUT_S)
         return resume_postcopy(libvirt_monitor(source_domain), destination_qmp.cmd, listen_host, timeout_s)
-    except (QMPError, OSError) as exc:
+    except QMP_FAILURES as exc:
         return ResumeResult(finished=False,
                             error=f"connecting to the destination's QMP socket {destination_socket} failed: {exc}")
     finally:
-        try:
-            destination_qmp.close()
-        except (QMPError, OSError) as exc:
-            log.debug("closing the destination's QMP socket failed: %s", exc)
+        close_quietly(destination_qmp, "the destination's QMP socket")
 
 
 def wait_for_migrated_guest(source: libvirt.virConnect, destination: libvirt.virConnect, name: str,

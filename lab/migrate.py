@@ -53,12 +53,12 @@ from pathlib import Path
 
 import libvirt
 import libvirt_qemu
-from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from lab.domain import require_owned
 from lab.errors import MigrationError
 from lab.guest.console import scan_console
+from lab.qmp import FAILURES as QMP_FAILURES, close_quietly
 from lab.strategies import POSTCOPY_STRATEGIES, STRATEGY_NAMES
 
 log = logging.getLogger(__name__)
@@ -869,7 +869,7 @@ class _BlocktimeMonitor:
             self._qmp.cmd("migrate-set-capabilities",
                           capabilities=[{"capability": "postcopy-blocktime", "state": True}])
             self._enabled = True
-        except (QMPError, OSError) as exc:
+        except QMP_FAILURES as exc:
             self.problem = f"turning postcopy-blocktime on failed: {exc}"
             self._given_up = True
             self._close()
@@ -889,7 +889,7 @@ class _BlocktimeMonitor:
                     figures["postcopy_vcpu_blocktime_max_ms"] = max(status.get("postcopy-vcpu-blocktime") or [0])
                 else:
                     self.problem = "query-migrate on the destination reported no postcopy-blocktime"
-        except (QMPError, OSError) as exc:
+        except QMP_FAILURES as exc:
             self.problem = f"query-migrate on the destination failed: {exc}"
         finally:
             self._close(remove=not keep_socket)
@@ -897,10 +897,7 @@ class _BlocktimeMonitor:
 
     def _close(self, remove: bool = True) -> None:
         if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except (QMPError, OSError) as exc:
-                log.debug("closing the destination QMP socket failed: %s", exc)
+            close_quietly(self._qmp, "the destination QMP socket")
             self._qmp = None
         if remove:
             self.path.unlink(missing_ok=True)

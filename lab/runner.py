@@ -410,7 +410,15 @@ class ExperimentRunner:
                     error = (f"{error}; the guest stopped in postcopy and was not recovered "
                              f"(source: {host_state_text(state, qemu_state)})")
             phases["integrity_s"] = time.monotonic() - t
-        except KeyboardInterrupt:
+        except (LabError, libvirt.libvirtError) as exc:
+            error = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            log.error("run %s failed: %s", run_id, error)
+        except Exception as exc:
+            # A fault of the harness itself fails this run, not the experiment:
+            # the record keeps the error and the next run starts clean.
+            log.exception("run %s failed inside the harness", run_id)
+            error = f"internal error of the harness: {type(exc).__name__}: {exc}"
+        except BaseException:
             if probes is not None:
                 probes.close()
             # An interrupt outside the migration stores no run, so its console
@@ -419,9 +427,6 @@ class ExperimentRunner:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             raise
-        except (LabError, libvirt.libvirtError) as exc:
-            error = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
-            log.error("run %s failed: %s", run_id, error)
         finally:
             # The probes stop after the integrity check, or at the failure.
             if probes is not None:

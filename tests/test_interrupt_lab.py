@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,14 +45,19 @@ def wait_until(predicate, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def migration_running(shared_lab):
-    """Return True once the destination QEMU has started, which happens when a migration begins.
+def migration_running(shared_lab, since: float):
+    """Return True once a destination QEMU started after *since* (a time.time() value).
 
     The destination opens the guest's console file when libvirt starts the
-    incoming QEMU, so a console file on h2 means the migration is under way.
+    incoming QEMU, so a new console file on h2 means the migration is under
+    way. Files older than *since* belong to someone else and do not count.
     """
     console_dir = Path(shared_lab.host("h2").log_dir) / "qemu"
-    return any(console_dir.glob("mlab-*-console.log"))
+    for path in console_dir.glob("mlab-*-console.log"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime >= since:
+                return True
+    return False
 
 
 def outcome(experiment_dir, run_id):
@@ -75,7 +81,8 @@ def test_ctrl_c_then_resume(shared_lab, guest_image, playbook, tmp_path):
     process = migrlab(shared_lab, "run", str(playbook), "--results", str(results), "--no-report")
     try:
         wait_until(lambda: (experiment_dir / "runs" / FAST_RUN).exists(), 240, "the first run")
-        wait_until(lambda: migration_running(shared_lab), 120, "the second migration")
+        second_started = time.time()
+        wait_until(lambda: migration_running(shared_lab, second_started), 120, "the second migration")
         time.sleep(2)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=90)
@@ -117,10 +124,11 @@ def test_kill_9_then_clean(shared_lab, guest_image, playbook, tmp_path):
     results = tmp_path / "results"
     single = playbook.read_text().replace("bandwidth_mib_s: [64, 4]", "bandwidth_mib_s: [4]")
     playbook.write_text(single)
+    started = time.time()
     process = migrlab(shared_lab, "run", str(playbook), "--results", str(results), "--no-report",
                       start_new_session=True)
     try:
-        wait_until(lambda: migration_running(shared_lab), 180, "the migration")
+        wait_until(lambda: migration_running(shared_lab, started), 180, "the migration")
         time.sleep(1)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
