@@ -9,14 +9,14 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 log = logging.getLogger(__name__)
 
-# What a QMP call raises when QEMU answers with an error, closes the socket or
-# has gone away; qemu.qmp raises a bare EOFError when the peer hung up first.
+# Exceptions of a QMP call when QEMU returns an error, closes the socket or has
+# exited. qemu.qmp raises a bare EOFError when QEMU closed the socket first.
 FAILURES = (QMPError, OSError, EOFError)
 
 
-def close_quietly(client: QEMUMonitorProtocol, what: str) -> None:
-    """Close *client*, logging instead of raising when QEMU has already gone."""
+def close_quietly(client: QEMUMonitorProtocol, description: str) -> None:
+    """Close *client*, and log instead of raising when QEMU has already exited."""
     try:
         client.close()
     except FAILURES as exc:
-        log.debug("closing %s failed: %s", what, exc)
+        log.debug("closing %s failed: %s", description, exc)

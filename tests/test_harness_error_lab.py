@@ -23,13 +23,13 @@ repetitions: 1
 """
 
 
-def test_error_inside_migration_fails_only_that_run(shared_lab, guest_image, tmp_path, monkeypatch):
+def test_harness_error_fails_one_run(shared_lab, guest_image, tmp_path, monkeypatch):
     real_run = runner_module.Migration.run
-    calls = []
+    migrated_guests = []
 
     def first_run_breaks(self):
-        calls.append(self.domain.name())
-        if len(calls) == 1:
+        migrated_guests.append(self.domain.name())
+        if len(migrated_guests) == 1:
             raise EOFError("the harness lost a socket")
         return real_run(self)
 
@@ -39,7 +39,7 @@ def test_error_inside_migration_fails_only_that_run(shared_lab, guest_image, tmp
     assert summary.outcomes == {"dt300-r1": "failed", "dt500-r1": "completed"}
     broken = load_record(summary.experiment_dir / "runs" / "dt300-r1")
     assert broken.error == "internal error of the harness: EOFError: the harness lost a socket"
-    assert len(calls) == 2
+    assert len(migrated_guests) == 2
     assert {host: names for host, names in shared_lab.status().domains.items() if names} == {}
     assert lab_qemu_pids(shared_lab) == []
     for host in ("h1", "h2"):
