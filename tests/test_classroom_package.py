@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from setuptools import find_packages
+from setuptools import find_namespace_packages
 
 import lab.classroom
 from lab.classroom import (EXERCISE_FILES, SOURCE_CLASSROOM_DIR, answer_key, classroom_root, copy_exercise,
@@ -31,7 +31,7 @@ def _setuptools_config() -> dict:
 
 def test_pyproject_lists_every_package():
     config = _setuptools_config()
-    found = find_packages(where=str(REPO), include=["lab", "lab.*"])
+    found = find_namespace_packages(where=str(REPO), include=["lab", "lab.*"], exclude=["*.__pycache__"])
     assert sorted(config["packages"]) == sorted([*found, "lab.exercises"])
     assert config["package-dir"] == {"lab.exercises": "playbooks/classroom"}
 
@@ -96,10 +96,12 @@ def test_wheel_ships_exercises_and_finds_them(tmp_path):
                             "print(build_meta.build_wheel('dist'))"],
                            cwd=source, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
+    assert "absent from the `packages` configuration" not in build.stderr
     wheel = source / "dist" / build.stdout.strip().splitlines()[-1]
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
+    assert {"lab/guest/init.sh", "lab/guest/workload/workload.c", "lab/guest/responder/responder.c"} <= names
     for exercise in list_exercises(SOURCE_CLASSROOM_DIR):
         for name in EXERCISE_FILES:
             assert f"lab/exercises/{exercise}/{name}" in names
