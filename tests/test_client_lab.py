@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from lab.playbook import load_playbook
 from lab.report import write_report
-from lab.runner import ExperimentRunner
 from lab.store import load_record, load_runs
 from lab.timeline import load_run_timeline, plot_timeline
+from tests.lab_helpers import run_playbook_text
 
 pytestmark = pytest.mark.lab
 
@@ -46,12 +45,7 @@ repetitions: 1
 
 @pytest.fixture(scope="module")
 def experiment(shared_lab, guest_image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("client-view")
-    playbook_path = folder / "playbook.yaml"
-    playbook_path.write_text(PLAYBOOK)
-    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
-                              lab=shared_lab, show_progress=False)
-    return runner.run()
+    return run_playbook_text(PLAYBOOK, shared_lab, tmp_path_factory.mktemp("client-view"), "client view")
 
 
 def run_dir(experiment, strategy):

@@ -10,10 +10,9 @@ import json
 
 import pytest
 
-from lab.playbook import load_playbook
 from lab.report import write_report
-from lab.runner import ExperimentRunner
 from lab.store import load_events, load_record, load_runs, load_timeline
+from tests.lab_helpers import run_playbook_text
 
 pytestmark = pytest.mark.lab
 
@@ -43,13 +42,7 @@ repetitions: 1
 
 @pytest.fixture(scope="module")
 def experiment(shared_lab, guest_image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("experiment")
-    playbook_path = folder / "playbook.yaml"
-    playbook_path.write_text(PLAYBOOK)
-    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
-                              lab=shared_lab, show_progress=False)
-    summary = runner.run()
-    return summary
+    return run_playbook_text(PLAYBOOK, shared_lab, tmp_path_factory.mktemp("experiment"), "precopy and postcopy")
 
 
 def run_dir(experiment, strategy):

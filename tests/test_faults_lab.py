@@ -17,11 +17,9 @@ import pytest
 from lab.guest.console import scan_console
 from lab.hosts import shaping
 from lab.hosts.shell import NamespaceShell
-from lab.playbook import load_playbook
 from lab.report import write_report
-from lab.runner import ExperimentRunner
 from lab.store import load_record
-from tests.lab_helpers import lab_qemu_pids
+from tests.lab_helpers import lab_qemu_pids, run_playbook_text
 
 pytestmark = pytest.mark.lab
 
@@ -70,12 +68,7 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def experiment(shared_lab, guest_image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults")
-    playbook_path = folder / "playbook.yaml"
-    playbook_path.write_text(PLAYBOOK)
-    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
-                              lab=shared_lab, show_progress=False)
-    return runner.run()
+    return run_playbook_text(PLAYBOOK, shared_lab, tmp_path_factory.mktemp("faults"), "faults")
 
 
 def record_of(experiment, name):
@@ -234,12 +227,8 @@ timeouts:
 
 @pytest.fixture(scope="module")
 def cut_at_switch(shared_lab, guest_image, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cut-at-switch")
-    playbook_path = folder / "playbook.yaml"
-    playbook_path.write_text(CUT_AT_SWITCH)
-    runner = ExperimentRunner(load_playbook(playbook_path), results_root=folder / "results",
-                              lab=shared_lab, show_progress=False)
-    summary = runner.run()
+    summary = run_playbook_text(CUT_AT_SWITCH, shared_lab, tmp_path_factory.mktemp("cut-at-switch"),
+                                "cut at the switch")
     (run_id,) = summary.outcomes
     return load_record(summary.experiment_dir / "runs" / run_id)
 
