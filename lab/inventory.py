@@ -28,7 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from lab.errors import ConfigError
-from lab.playbook import (ConfigFileError, _file_error, _format_loc, _plain, _Problem, _pydantic_problems,
+from lab.playbook import (ConfigFileError, _checked, _file_error, _plain, _Problem, _pydantic_problems,
                           _read_yaml)
 
 log = logging.getLogger(__name__)
@@ -142,13 +142,7 @@ class Inventory(BaseModel):
 
     @model_validator(mode="after")
     def _check_values(self, info: ValidationInfo) -> Inventory:
-        # load_inventory() runs these checks itself to attach line numbers.
-        if info.context and info.context.get("skip_semantic_checks"):
-            return self
-        problems = inventory_problems(self, base_dir=None)
-        if problems:
-            raise ValueError("; ".join(f"{_format_loc(p.loc)}: {p.message}" for p in problems))
-        return self
+        return _checked(self, info, lambda: inventory_problems(self, base_dir=None))
 
     @property
     def path(self) -> Path | None:

@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -421,13 +421,7 @@ class Playbook(BaseModel):
 
     @model_validator(mode="after")
     def _check_matrix_and_scenarios(self, info: ValidationInfo) -> Playbook:
-        # load_playbook() runs these checks itself to attach line numbers.
-        if info.context and info.context.get("skip_semantic_checks"):
-            return self
-        problems = _matrix_problems(self.matrix) or _scenario_problems(self)
-        if problems:
-            raise ValueError("; ".join(f"{_format_loc(p.loc)}: {p.message}" for p in problems))
-        return self
+        return _checked(self, info, lambda: _matrix_problems(self.matrix) or _scenario_problems(self))
 
     @property
     def path(self) -> Path | None:
@@ -513,6 +507,20 @@ def _base_loc(name: str) -> tuple[str, ...]:
     if name in _DISK_ATTRIBUTES:
         return ("guest", "disk", _DISK_ATTRIBUTES[name])
     return (SCENARIO_FIELDS[name], _SECTION_ATTRIBUTES.get(name, name))
+
+
+def _checked(model: BaseModel, info: ValidationInfo, find_problems: Callable[[], list[_Problem]]):
+    """Return *model*, or raise ValueError with the problems that *find_problems* returns.
+
+    A model built in code gets these checks here. The file loaders skip them
+    here (context ``skip_semantic_checks``) and run them to attach line numbers.
+    """
+    if info.context and info.context.get("skip_semantic_checks"):
+        return model
+    problems = find_problems()
+    if problems:
+        raise ValueError("; ".join(f"{_format_loc(p.loc)}: {p.message}" for p in problems))
+    return model
 
 
 def _format_loc(loc: tuple[str | int, ...]) -> str:
