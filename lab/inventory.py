@@ -28,7 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from lab.errors import ConfigError
-from lab.playbook import (ConfigFileError, _checked, _file_error, _plain, _Problem, _pydantic_problems,
+from lab.playbook import (ConfigFileError, _run_semantic_checks, _file_error, _plain, _Problem, _pydantic_problems,
                           _read_yaml)
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Inventory(BaseModel):
 
     @model_validator(mode="after")
     def _check_values(self, info: ValidationInfo) -> Inventory:
-        return _checked(self, info, lambda: inventory_problems(self, base_dir=None))
+        return _run_semantic_checks(self, info, lambda: inventory_problems(self, base_dir=None))
 
     @property
     def path(self) -> Path | None:

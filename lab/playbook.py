@@ -421,7 +421,7 @@ class Playbook(BaseModel):
 
     @model_validator(mode="after")
     def _check_matrix_and_scenarios(self, info: ValidationInfo) -> Playbook:
-        return _checked(self, info, lambda: _matrix_problems(self.matrix) or _scenario_problems(self))
+        return _run_semantic_checks(self, info, lambda: _matrix_problems(self.matrix) or _scenario_problems(self))
 
     @property
     def path(self) -> Path | None:
@@ -509,7 +509,7 @@ def _base_loc(name: str) -> tuple[str, ...]:
     return (SCENARIO_FIELDS[name], _SECTION_ATTRIBUTES.get(name, name))
 
 
-def _checked(model: BaseModel, info: ValidationInfo, find_problems: Callable[[], list[_Problem]]):
+def _run_semantic_checks(model: BaseModel, info: ValidationInfo, find_problems: Callable[[], list[_Problem]]):
     """Return *model*, or raise ValueError with the problems that *find_problems* returns.
 
     A model built in code gets these checks here. The file loaders skip them
