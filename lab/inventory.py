@@ -28,8 +28,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from lab.errors import ConfigError
-from lab.playbook import (ConfigFileError, _run_semantic_checks, _file_error, _plain, _Problem, _pydantic_problems,
-                          _read_yaml)
+from lab.playbook import (ConfigFileError, _file_error, _plain, _Problem, _pydantic_problems, _read_yaml,
+                          _run_semantic_checks)
 
 log = logging.getLogger(__name__)
 
