@@ -7,6 +7,8 @@ The storage mode decides where the file lives:
 shared
     one file in ``<lab>/shared/disks``, a folder that both hosts of the
     local lab see at the same path, so the migration moves only memory.
+    Each host's qemu.conf lists ``<lab>/shared`` in shared_filesystems, so
+    libvirt accepts the migration without VIR_MIGRATE_UNSAFE.
 local
     one file in the source host's /var/lib/libvirt/images, which is private
     to each host of the local lab: the same path on the destination does
@@ -54,13 +56,16 @@ FILL_TIMEOUT_S_PER_MIB = 0.5
 # Free space that must remain on the host after the disk is written.
 FREE_SPACE_MARGIN_MIB = 256
 # libvirt 11.3 treats a file disk as shared only on a network or cluster
-# filesystem (NFS, GFS2, OCFS2, CephFS, ...). Otherwise it rejects the
-# migration with "Unsafe migration: Migration without shared storage is
+# filesystem (NFS, GFS2, OCFS2, CephFS, ...) or below a folder that the
+# source host's qemu.conf lists in shared_filesystems. Otherwise it rejects
+# the migration with "Unsafe migration: Migration without shared storage is
 # unsafe", whatever the cache mode; seen with cache=none on ext4 in the local
-# lab. NOTE: listing the lab's shared folder in qemu.conf's shared_filesystems
-# on both hosts did not avoid that error in a lab run; why is not known.
-UNSAFE_REASON = ("the local lab's shared folder is on this machine's own filesystem, which libvirt does not "
-                 "recognize as shared storage, so the harness declares the migration safe with VIR_MIGRATE_UNSAFE")
+# lab. The local lab lists its shared folder (lab.hosts.libvirtd.write_config).
+# A shared folder that the hosts do not list needs VIR_MIGRATE_UNSAFE, and the
+# run's record gives this reason.
+UNSAFE_REASON = ("the shared folder is on a filesystem that libvirt does not recognize as shared storage and "
+                 "the hosts' qemu.conf does not list it in shared_filesystems, so the harness declares the "
+                 "migration safe with VIR_MIGRATE_UNSAFE")
 
 
 def lab_problems(scenarios: Sequence[tuple[str, int | None]], local_lab: bool) -> list[str]:
@@ -95,6 +100,9 @@ class GuestDisk:
     # The flushing strategy saves and restores the guest instead of calling
     # virDomainMigrate3, so no migration flag applies to its disk.
     save_restore: bool = False
+    # Every host's qemu.conf lists shared_dir in shared_filesystems, as the
+    # local lab's do, so libvirt accepts a shared disk without VIR_MIGRATE_UNSAFE.
+    shared_dir_declared: bool = False
     cache: str = "none"
     destination_precreated: bool = False
     # (host, path) of every file the harness created, removed by remove().
@@ -119,7 +127,7 @@ class GuestDisk:
     @property
     def unsafe(self) -> bool:
         """Whether the migration passes VIR_MIGRATE_UNSAFE for this disk."""
-        return self.storage == "shared" and not self.save_restore
+        return self.storage == "shared" and not self.save_restore and not self.shared_dir_declared
 
     def create(self) -> DiskSpec:
         """Create the disk file(s) of the storage mode and return the disk for the domain XML.

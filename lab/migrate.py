@@ -36,7 +36,9 @@ downtime-steps
 A guest disk (lab.disks) adds to any strategy but flushing:
 VIR_MIGRATE_NON_SHARED_DISK for copy storage, so libvirt mirrors the disk
 over NBD before memory moves, and VIR_MIGRATE_UNSAFE for shared storage that
-libvirt does not recognize as shared. Local storage adds nothing.
+libvirt does not recognize as shared (the local lab lists its shared folder
+in qemu.conf's shared_filesystems, so it needs none). Local storage adds
+nothing.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class MigrationSettings:
     # copy adds VIR_MIGRATE_NON_SHARED_DISK: libvirt mirrors the disk to the
     # destination's precreated file over NBD before the memory moves.
     disk_storage: str | None = None
-    # VIR_MIGRATE_UNSAFE: set for a shared disk on a filesystem that libvirt does
+    # VIR_MIGRATE_UNSAFE: set for a shared disk in a folder that libvirt does
     # not recognize as shared (lab.disks decides and the run records it).
     disk_unsafe: bool = False
 

@@ -199,7 +199,7 @@ class ExperimentRunner:
         local_lab = self.access.local_lab
         if local_lab is not None:
             # The local lab's hosts share the filesystem outside their private libvirt folders.
-            extra["save_dir"] = local_lab.root / "shared"
+            extra["save_dir"] = local_lab.shared_dir
             if scenario.strategy in ("postcopy", "postcopy-preempt", "hybrid") \
                     and "postcopy-blocktime" in self.stack.capabilities:
                 extra["destination_qmp_socket"] = local_lab.root / "qmp" / f"{guest_name}.sock"
@@ -230,8 +230,10 @@ class ExperimentRunner:
         if scenario.disk_size_mib is None:
             return None
         local_lab = self.access.local_lab
+        # Every local lab host lists its shared folder in qemu.conf's shared_filesystems.
         return disks.GuestDisk(scenario.disk_storage, scenario.disk_size_mib, guest_name, self.source_host,
-                               self.destination_host, shared_dir=local_lab.root / "shared" if local_lab else None,
+                               self.destination_host, shared_dir=local_lab.shared_dir if local_lab else None,
+                               shared_dir_declared=local_lab is not None,
                                save_restore=scenario.strategy == "flushing")
 
     def _close(self) -> None:

@@ -7,6 +7,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import libvirt
 import pandas as pd
@@ -17,6 +18,7 @@ from lab.classroom import scenario_means
 from lab.errors import ConfigError, LabError, MigrationError
 from lab.guest.console import scan_console
 from lab.guest.image import kernel_cmdline
+from lab.hosts.local import LocalLab
 from lab.hosts.shell import CommandResult, run_local
 from lab.migrate import MigrationSettings
 from lab.playbook import load_playbook
@@ -319,11 +321,56 @@ def test_shared_disk_created_filled_and_removed(tmp_path):
     assert data == bytes([disks.FILL_PATTERN]) * (8 * 2**20)
     # ext4 and xfs take O_DIRECT; tmpfs before Linux 6.6 did not.
     assert spec.cache in ("none", "writeback")
-    assert disk.unsafe
     assert disk.remove() == []
     assert not path.exists()
     assert not (tmp_path / "shared" / "disks").exists()
     assert os.listdir(tmp_path / "shared") == []
+
+
+def test_undeclared_shared_folder_needs_unsafe_flag(tmp_path):
+    disk = make_disk(tmp_path, "shared")
+    assert disk.unsafe
+    record = disk.record("", "", [])
+    assert record.unsafe_flag
+    assert "shared_filesystems" in record.unsafe_reason
+
+
+def test_declared_shared_folder_passes_no_unsafe_flag(tmp_path):
+    disk = disks.GuestDisk("shared", 8, "mlab-007-test", FakeHost("h1", LocalShell("h1")),
+                           FakeHost("h2", LocalShell("h2")), shared_dir=tmp_path / "shared",
+                           shared_dir_declared=True)
+    assert not disk.unsafe
+    record = disk.record("", "", [])
+    assert not record.unsafe_flag
+    assert record.unsafe_reason is None
+
+
+def guest_disk_of_runner(tmp_path: Path, local_lab: LocalLab | None) -> disks.GuestDisk:
+    """Return the disk that the runner plans for a shared-disk scenario on *local_lab*."""
+    from lab.runner import ExperimentRunner
+
+    scenario = load_playbook(write_playbook(tmp_path, "  disk: {size_mib: 8}")).scenarios()[0]
+    runner = object.__new__(ExperimentRunner)
+    runner.access = SimpleNamespace(local_lab=local_lab)
+    runner.source_host = FakeHost("h1", LocalShell("h1"))
+    runner.destination_host = FakeHost("h2", LocalShell("h2"))
+    return runner._guest_disk(scenario, "mlab-007-test")
+
+
+def test_local_lab_shared_disk_has_no_unsafe_flag(tmp_path):
+    local_lab = LocalLab(tmp_path / "lab", prefix="migrlab-unused")
+    disk = guest_disk_of_runner(tmp_path, local_lab)
+    assert disk.shared_dir == local_lab.shared_dir
+    assert disk.shared_dir_declared
+    assert not disk.unsafe
+    settings = MigrationSettings(strategy="precopy", migration_uri="tcp://10.77.0.12", disk_storage="shared",
+                                 disk_unsafe=disk.unsafe)
+    assert not settings.flags() & libvirt.VIR_MIGRATE_UNSAFE
+
+
+def test_shared_disk_without_local_lab_rejected(tmp_path):
+    with pytest.raises(LabError, match="only the local lab"):
+        guest_disk_of_runner(tmp_path, None)
 
 
 def test_flushing_disk_passes_no_unsafe_flag(tmp_path):

@@ -25,7 +25,7 @@ import pytest
 
 from lab.errors import ConfigError, HostError
 from lab.hosts import netns
-from lab.hosts.libvirtd import call_with_timeout, override_settings, read_pid
+from lab.hosts.libvirtd import call_with_timeout, override_settings, read_pid, write_config
 from lab.hosts.local import LocalLab
 from lab.hosts.processes import find_processes, is_alive
 from lab.hosts.system import mount_points_under
@@ -196,6 +196,28 @@ def test_override_settings_comments_old_values():
     assert assigned == ["max_files", "user", "cgroup_controllers"]
 
 
+def test_write_config_lists_shared_folders(tmp_path):
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    (machine / "qemu.conf").write_text('#shared_filesystems = [\n#  "/path/to/images"\n#]\nuser = "qemu"\n')
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    host_uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+
+    assert write_config(tmp_path / "etc", host_uuid, source=machine, shared_dirs=[link])
+
+    lines = (tmp_path / "etc" / "qemu.conf").read_text().splitlines()
+    assert f'shared_filesystems = [ "{shared}" ]' in lines
+    assert '# user = "qemu"' in lines
+    assert 'user = "root"' in lines
+    assert not write_config(tmp_path / "etc", host_uuid, source=machine, shared_dirs=[link])
+    assert write_config(tmp_path / "etc", host_uuid, source=machine)
+    assert not any(line.startswith("shared_filesystems") for line in
+                   (tmp_path / "etc" / "qemu.conf").read_text().splitlines())
+
+
 def test_hosts_empty_without_lab(tmp_path):
     local_lab = LocalLab(tmp_path / "lab", prefix="migrlab-unused")
     assert local_lab.hosts() == []
@@ -289,8 +311,11 @@ def test_exec_sees_private_directories(lab):
     listing = lab.exec("h1", ["ls", "/run/libvirt"], timeout=10).stdout.split()
     assert "libvirt-sock" in listing
     assert lab.exec("h1", ["cat", "/sys/class/net/br0/address"], timeout=10, check=False).returncode == 0
-    assert lab.exec("h1", ["sh", "-c", "cat /etc/libvirt/qemu.conf"], timeout=10).stdout.rstrip() \
-        .endswith('cgroup_controllers = [ ]')
+    qemu_conf = lab.exec("h1", ["cat", "/etc/libvirt/qemu.conf"], timeout=10).stdout.splitlines()
+    assert "cgroup_controllers = [ ]" in qemu_conf
+    assert f'shared_filesystems = [ "{lab.shared_dir}" ]' in qemu_conf
+    # libvirtd resolves the listed folder when it starts, so the folder must exist by then.
+    assert lab.exec("h2", ["test", "-d", str(lab.shared_dir)], timeout=10, check=False).returncode == 0
 
 
 @pytest.mark.lab
@@ -412,6 +437,28 @@ def test_up_restarts_killed_libvirtd(lab):
     finally:
         connection.close()
     assert not any("libvirtd" in problem for problem in lab.status().problems)
+
+
+@pytest.mark.lab
+def test_up_restarts_libvirtd_after_config_change(lab):
+    guest = f"{RUN_PREFIX}-guest"
+    qemu_conf = lab.host_dir("h2") / "etc/libvirt/qemu.conf"
+    written = qemu_conf.read_text()
+    pids_before = json.loads((lab.root / "lab.json").read_text())["pids"]
+    qemu_conf.write_text(written.replace("shared_filesystems = ", "# shared_filesystems = "))
+
+    state = lab.up(hosts=3)
+
+    assert qemu_conf.read_text() == written
+    assert state.pids["h2"] != pids_before["h2"]
+    assert not is_alive(pids_before["h2"])
+    assert state.pids["h1"] == pids_before["h1"]
+    assert state.pids["h3"] == pids_before["h3"]
+    connection = libvirt.open(lab.host("h2").libvirt_uri)
+    try:
+        assert connection.lookupByName(guest).isActive()
+    finally:
+        connection.close()
 
 
 @pytest.mark.lab

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -108,12 +108,31 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DIR) -> None:
-    """Write a host's /etc/libvirt from a copy of the machine's.
+def shared_filesystems_value(shared_dirs: Sequence[Path]) -> str:
+    """Format folders as the value of qemu.conf's shared_filesystems, each resolved to its real path.
+
+    Seen with libvirt 11.3 in the local lab: the qemu driver resolves each
+    listed path when libvirtd loads qemu.conf, so a listed symlink matches
+    the disks below its target. A path that does not exist at that moment
+    matches no disk, and libvirtd logs no error about it. Only the migration
+    source's list counts, because qemuMigrationSrcIsSafe runs in the Begin
+    phase on the source: a destination that lists nothing accepts the guest.
+    """
+    return "[ " + ", ".join(f'"{os.path.realpath(path)}"' for path in shared_dirs) + " ]"
+
+
+def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DIR,
+                 shared_dirs: Sequence[Path] = ()) -> bool:
+    """Write a host's /etc/libvirt from a copy of the machine's; return whether a config file changed.
 
     Only the top-level config files and the nwfilter rules are copied: the
     machine's domain, network and storage definitions, hooks and secrets stay
     out, so that no lab host autostarts or runs anything of the machine.
+    *shared_dirs* are folders that every lab host sees at the same path on
+    the machine's own filesystem. qemu.conf lists them in shared_filesystems
+    (an option of libvirt 11.3), so libvirt migrates a guest whose disk lies
+    there without VIR_MIGRATE_UNSAFE. They must exist before libvirtd starts,
+    and a running libvirtd reads a changed qemu.conf only when it restarts.
     """
     etc_dir.mkdir(parents=True, exist_ok=True)
     for item in sorted(source.glob("*.conf")):
@@ -125,10 +144,15 @@ def write_config(etc_dir: Path, host_uuid: str, source: Path = MACHINE_CONFIG_DI
             if not (etc_dir / "nwfilter" / item.name).exists():
                 shutil.copyfile(item, etc_dir / "nwfilter" / item.name)
 
-    for name, settings in (("libvirtd.conf", libvirtd_settings(host_uuid)), ("qemu.conf", QEMU_SETTINGS)):
+    qemu_settings = dict(QEMU_SETTINGS)
+    if shared_dirs:
+        qemu_settings["shared_filesystems"] = shared_filesystems_value(shared_dirs)
+    changed = False
+    for name, settings in (("libvirtd.conf", libvirtd_settings(host_uuid)), ("qemu.conf", qemu_settings)):
         machine_file = source / name
         base = machine_file.read_text() if machine_file.is_file() else ""
-        write_if_changed(etc_dir / name, override_settings(base, settings))
+        changed |= write_if_changed(etc_dir / name, override_settings(base, settings))
+    return changed
 
 
 def read_pid(pid_file: Path) -> int | None:

@@ -29,6 +29,9 @@ Layout of the lab directory (``lab.paths.lab_dir()`` unless given)::
     ssh/
       id_ed25519      key pair that logs in to every host as root
       known_hosts     host keys, pinned on first connection
+    shared/           folder every libvirt host sees at this same path, listed in
+                      each host's qemu.conf shared_filesystems: guest disks of
+                      shared storage (disks/) and the save images of flushing
     ns/               bind-mounted onto itself, private propagation
       <host>.mnt      pinned mount namespace of a libvirt host
       <host>.uts      pinned UTS namespace of a libvirt host
@@ -288,6 +291,11 @@ class LocalLab:
         return self.root / "ssh"
 
     @property
+    def shared_dir(self) -> Path:
+        """Folder that every libvirt host sees at this path and that libvirt treats as shared storage."""
+        return self.root / "shared"
+
+    @property
     def key_file(self) -> Path:
         """Private key that logs in to every host of the lab as root."""
         return self.ssh_dir / sshd.KEY_NAME
@@ -363,9 +371,13 @@ class LocalLab:
             self._ensure_switch()
             fresh_networks = {record.name for record in state.hosts if self._ensure_network(record)}
             libvirt_hosts = [record for record in state.hosts if record.is_libvirt_host]
+            # libvirtd finds a shared_filesystems folder only if it exists when the daemon starts.
+            self.shared_dir.mkdir(exist_ok=True)
             for record in libvirt_hosts:
-                self._ensure_files(record, state)
+                reconfigured = self._ensure_files(record, state)
                 self._ensure_mount_uts(record, renew=record.name in fresh_networks)
+                if reconfigured:
+                    self._stop_daemon(record)
             pids = self._ensure_daemons(libvirt_hosts)
             self._ensure_ssh(state)
             self._write_inventory(state)
@@ -663,11 +675,13 @@ class LocalLab:
 
     # Files and mount namespaces.
 
-    def _ensure_files(self, record: HostRecord, state: LabState) -> None:
+    def _ensure_files(self, record: HostRecord, state: LabState) -> bool:
+        """Write a host's private files; return whether its libvirt config changed."""
         directory = self.host_dir(record.name)
         for relative in (*PRIVATE_DIRS, *SKELETON_DIRS, "etc"):
             (directory / relative).mkdir(parents=True, exist_ok=True)
-        libvirtd.write_config(directory / "etc/libvirt", record.host_uuid or "")
+        reconfigured = libvirtd.write_config(directory / "etc/libvirt", record.host_uuid or "",
+                                             shared_dirs=[self.shared_dir])
 
         lines = ["127.0.0.1 localhost"]
         for other in state.hosts:
@@ -679,6 +693,7 @@ class LocalLab:
         # inode over /etc/hosts in the host.
         if not hosts_file.exists() or hosts_file.read_text() != text:
             hosts_file.write_text(text)
+        return reconfigured
 
     def _namespace_marker(self, host: str) -> Path:
         return self.host_dir(host) / "namespaces.id"
@@ -747,6 +762,23 @@ class LocalLab:
         run([*enter, "hostname", record.hostname or record.name])
 
     # libvirtd.
+
+    def _stop_daemon(self, record: HostRecord) -> None:
+        """Stop a host's running libvirtd, so that _ensure_daemons starts it with the new config.
+
+        Its guests keep running, and the new libvirtd finds them again.
+        """
+        netns_file = netns.netns_path(self.netns_name(record.name))
+        pid = libvirtd.running_pid(self._pid_file(record.name), netns_file)
+        ns = netns.namespace_id(netns_file)
+        if pid is None or ns is None:
+            return
+        log.info("restarting libvirtd on %s (pid %d) because its config changed", record.name, pid)
+        process = LabProcess(pid=pid, name="libvirtd", namespace=self.netns_name(record.name), command="libvirtd")
+        _stopped, stuck = terminate([process], {ns: self.netns_name(record.name)}, grace=self.stop_grace)
+        if stuck:
+            raise HostError(f"cannot restart libvirtd on {record.name} with its new config: "
+                            f"{stuck_message(stuck)}")
 
     def _ensure_daemons(self, records: list[HostRecord]) -> dict[str, int]:
         """Start libvirtd where it is not running, then wait until each accepts a connection."""
