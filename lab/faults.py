@@ -31,6 +31,9 @@ comes back even if the harness loses its SSH connection. kill-qemu kills
 the one QEMU whose command line names this run's guest and waits for an
 incoming migration. kill-libvirtd kills the daemon that serves
 qemu:///system (virtqemud or libvirtd) and starts it again with systemctl.
+After the run, QEMU processes of its guest that libvirt no longer lists are
+killed through the same shells (:meth:`ShellStrikes.kill_leftover_qemu`);
+on the fast path :func:`kill_leftover_qemu` searches this machine's /proc.
 
 Outcomes (:data:`FAULT_OUTCOMES`): ``completed``, ``source-running`` (the
 migration failed before the destination ran the guest, and the guest still
@@ -272,6 +275,63 @@ if mode == "kill":
 print(pid)
 """
 
+# Kills with SIGKILL every QEMU process of guest argv[1] and waits up to
+# argv[3] seconds for each to go. A process counts only if its program is a
+# qemu-system binary and one of its arguments starts with "guest=NAME,", as
+# libvirt's "-name guest=NAME,debug-threads=on" does, so a guest whose name
+# merely starts with NAME never matches. With argv[2] == "own-netns", only
+# processes in the script's own network namespace count. Prints one line
+# per process: "killed PID", "running PID" (still there after the wait) or
+# "failed PID REASON".
+LEFTOVER_QEMU_SCRIPT = r"""
+import os, signal, sys, time
+name, scope, wait_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+marker = ("guest=%s," % name).encode()
+own_netns = os.stat("/proc/self/ns/net").st_ino if scope == "own-netns" else None
+
+def guest_qemu(pid):
+    try:
+        args = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\0")
+        if own_netns is not None and os.stat("/proc/%d/ns/net" % pid).st_ino != own_netns:
+            return False
+    except OSError:
+        return False
+    return b"qemu-system" in os.path.basename(args[0]) and any(arg.startswith(marker) for arg in args[1:])
+
+def start_time(pid):
+    # None for a process that is gone, or a zombie, whose memory and files are already freed.
+    try:
+        fields = open("/proc/%d/stat" % pid, "rb").read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else fields[19]
+
+killed = {}
+for entry in os.listdir("/proc"):
+    if not entry.isdigit() or not guest_qemu(int(entry)):
+        continue
+    pid = int(entry)
+    started = start_time(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        continue
+    except OSError as error:
+        print("failed", pid, error.strerror)
+        continue
+    killed[pid] = started
+    print("killed", pid)
+deadline = time.monotonic() + wait_s
+while time.monotonic() < deadline:
+    # A pid whose start time changed belongs to a new process: the killed one is gone.
+    killed = {pid: started for pid, started in killed.items() if started is not None and start_time(pid) == started}
+    if not killed:
+        break
+    time.sleep(0.05)
+for pid in sorted(killed):
+    print("running", pid)
+"""
+
 # Prints "name pid unit" of the daemon that serves qemu:///system (virtqemud
 # of the modular daemons, else libvirtd), with "-" for a daemon that runs
 # outside its own systemd service (NAME.service), and with argv[1] == "kill"
@@ -332,6 +392,71 @@ FAULT_TOOLS = {"link-down": ("ip", "setsid", "sleep", "grep", "kill"), "kill-qem
 # Fault kinds that strike the destination; bandwidth shapes the source.
 DESTINATION_KINDS = ("link-down", "kill-qemu", "kill-libvirtd")
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
+
+
+@dataclass
+class LeftoverQemu:
+    """QEMU processes of one guest that the cleanup after a run found on one host."""
+
+    host: str
+    killed: list[int] = field(default_factory=list)
+    # Killed, but still present KILL_WAIT_S after the SIGKILL.
+    running: list[int] = field(default_factory=list)
+    # Pid and reason of each SIGKILL that failed.
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    # Why the host's shell could not look for them, or None when it could.
+    error: str | None = None
+
+    def warnings(self, guest_name: str) -> list[str]:
+        """Return the run's warnings about these processes, each naming the host."""
+        where = f"of {guest_name} on host {self.host}"
+        warnings = []
+        if self.error is not None:
+            warnings.append(f"could not look for leftover QEMU processes {where}: {self.error}")
+        if self.killed:
+            warnings.append(f"killed QEMU processes {where} that libvirt no longer knew: "
+                            f"{', '.join(map(str, self.killed))}")
+        if self.running:
+            warnings.append(f"QEMU processes {where} still present {KILL_WAIT_S:g} s after SIGKILL: "
+                            f"{', '.join(map(str, self.running))}")
+        warnings += [f"SIGKILL to QEMU process {pid} {where} failed: {reason}" for pid, reason in self.failed]
+        return warnings
+
+
+def kill_leftover_qemu_through_shell(shell: "Shell", entry: "InventoryHost", guest_name: str, *,
+                                     own_netns: bool = False) -> LeftoverQemu:
+    """SIGKILL the QEMU processes of *guest_name* on one host through its shell, and wait until they are gone.
+
+    It is the remote counterpart of :func:`kill_leftover_qemu`, run as root
+    or through ``sudo -n`` as the inventory sets. With *own_netns*, only
+    processes in the network namespace of the host's shell count, because
+    the local lab's hosts share one /proc. Raises HostError when the shell
+    fails or prints something other than the script's lines.
+    """
+    scope = "own-netns" if own_netns else "any-netns"
+    argv = privileged(["python3", "-c", LEFTOVER_QEMU_SCRIPT, guest_name, scope, f"{KILL_WAIT_S:g}"], entry.sudo)
+    # The command's own timeout covers the script's wait for the killed processes.
+    result = shell.run(argv, timeout=COMMAND_TIMEOUT_S + KILL_WAIT_S, check=False)
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
+        raise HostError(f"the QEMU cleanup script failed on host {entry.name}: {output}")
+    leftover = LeftoverQemu(host=entry.name)
+    for line in result.stdout.splitlines():
+        words = line.split(maxsplit=2)
+        try:
+            state, pid = words[0], int(words[1])
+        except (IndexError, ValueError):
+            state, pid = None, 0
+        if state == "killed":
+            leftover.killed.append(pid)
+        elif state == "running":
+            leftover.running.append(pid)
+        elif state == "failed":
+            leftover.failed.append((pid, words[2] if len(words) > 2 else "no reason given"))
+        else:
+            raise HostError(f"the QEMU cleanup script on host {entry.name} printed {line!r}, expected "
+                            "'killed PID', 'running PID' or 'failed PID REASON'")
+    return leftover
 
 
 def privileged(argv: list[str], sudo: bool) -> list[str]:
@@ -452,12 +577,14 @@ class ShellStrikes:
     *link_interface* the destination interface that link-down cuts,
     *source_interface* the one a bandwidth fault shapes. *restart_daemon*
     starts a killed daemon again when it ran outside systemd (the local lab's
-    own libvirtd); otherwise ``systemctl start`` does.
+    own libvirtd); otherwise ``systemctl start`` does. *shared_proc* is set
+    for hosts that share this machine's /proc (the local lab over SSH), so
+    that the cleanup on each host keeps to its own network namespace.
     """
 
     def __init__(self, *, destination: "Shell", destination_entry: "InventoryHost", link_interface: str,
                  source: "Shell", source_entry: "InventoryHost", source_interface: str,
-                 restart_daemon: Any = None):
+                 restart_daemon: Any = None, shared_proc: bool = False):
         self.destination = destination
         self.destination_entry = destination_entry
         self.link_interface = link_interface
@@ -465,6 +592,7 @@ class ShellStrikes:
         self.source_entry = source_entry
         self.source_interface = source_interface
         self.restart_daemon = restart_daemon
+        self.shared_proc = shared_proc
         self._restore_pid: int | None = None
         self._daemon: tuple[str, int, str] | None = None
 
@@ -503,6 +631,26 @@ class ShellStrikes:
             raise HostError(f"no destination QEMU of {guest_name} killed on host {self.host}: "
                             f"{(result.stdout or result.stderr).strip()}")
         return int(result.stdout.split()[-1])
+
+    def kill_leftover_qemu(self, guest_name: str) -> list[LeftoverQemu]:
+        """SIGKILL the QEMU processes of *guest_name* on the destination, then the source; return them per host.
+
+        A host whose shell fails gets its error in the result instead of
+        raising, so that the other host is still cleaned.
+        """
+        leftovers = []
+        for shell, entry in ((self.destination, self.destination_entry), (self.source, self.source_entry)):
+            try:
+                leftover = kill_leftover_qemu_through_shell(shell, entry, guest_name, own_netns=self.shared_proc)
+            except HostError as error:
+                log.warning("looking for leftover QEMU processes of %s on host %s failed: %s", guest_name,
+                            entry.name, error)
+                leftover = LeftoverQemu(host=entry.name, error=str(error))
+            if leftover.killed:
+                log.warning("killed leftover QEMU processes of %s on host %s: %s", guest_name, entry.name,
+                            leftover.killed)
+            leftovers.append(leftover)
+        return leftovers
 
     def describe_daemon(self) -> tuple[str, int, str]:
         """Return the name, pid and systemd unit ("-" for none) of the destination's libvirt daemon."""

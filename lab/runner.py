@@ -451,10 +451,7 @@ class ExperimentRunner:
                         outcome = "failed"
             self._remove_guest(name)
             if injector is not None:
-                killed = kill_leftover_qemu(name)
-                if killed:
-                    warnings.append(f"killed QEMU processes of {name} that libvirt no longer knew: "
-                                    f"{', '.join(map(str, killed))}")
+                self._kill_leftover_qemu(injector, name, warnings)
             link.remove()
             if disk is not None:
                 # After the guest is gone, so that no QEMU holds the files.
@@ -586,7 +583,8 @@ class ExperimentRunner:
             destination=self.destination_host.shell, destination_entry=self.destination_host.entry,
             link_interface=self.destination_host.migration_interface, source=self.source_host.shell,
             source_entry=self.source_host.entry, source_interface=self.source_host.migration_interface,
-            restart_daemon=(lambda: local_lab.up(hosts=self.playbook.lab.hosts)) if local_lab is not None else None)
+            restart_daemon=(lambda: local_lab.up(hosts=self.playbook.lab.hosts)) if local_lab is not None else None,
+            shared_proc=local_lab is not None)
 
     def _fault_problems(self, scenarios: list[Scenario]) -> list[str]:
         """Return what keeps the playbook's faults from striking on the inventory's hosts."""
@@ -745,6 +743,22 @@ class ExperimentRunner:
         values = report.as_dict()
         values.pop("outcome")
         return FaultRecord(spec=injector.spec.model_dump(), outcome=fault_outcome, **values)
+
+    def _kill_leftover_qemu(self, injector: FaultInjector, name: str, warnings: list[str]) -> None:
+        """Kill the guest's QEMU processes that outlived their libvirtd, and add a warning for each host.
+
+        Over SSH they run on the inventory's hosts, so each host's shell
+        looks for them. On the local lab's fast path every QEMU is a process
+        of this machine.
+        """
+        if injector.strikes is not None:
+            for leftover in injector.strikes.kill_leftover_qemu(name):
+                warnings.extend(leftover.warnings(name))
+            return
+        killed = kill_leftover_qemu(name)
+        if killed:
+            warnings.append(f"killed QEMU processes of {name} that libvirt no longer knew: "
+                            f"{', '.join(map(str, killed))}")
 
     def _remove_guest(self, name: str) -> None:
         for conn in (self.source, self.destination):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.faults import (ARM_RESTORE_SCRIPT, KILL_DAEMON_SCRIPT, KILL_QEMU_SCRIPT, FaultInjector, FaultSpec,
-                        FaultTimeouts, ShellStrikes, fault_host_problems, link_down_problem, privilege_problem)
+from lab.faults import (ARM_RESTORE_SCRIPT, KILL_DAEMON_SCRIPT, KILL_QEMU_SCRIPT, LEFTOVER_QEMU_SCRIPT, FaultInjector,
+                        FaultSpec, FaultTimeouts, ShellStrikes, fault_host_problems, link_down_problem,
+                        privilege_problem)
 from lab.hosts.checks import Requirements, check_faults
 from lab.hosts.remote import SudoShell
 from lab.errors import HostError
@@ -227,6 +229,177 @@ def test_kill_qemu_script_refuses_two_candidates(qemus, tmp_path):
     finally:
         twin.kill()
         twin.wait(timeout=10)
+
+
+# Leftover QEMU processes after a run: the cleanup through each host's shell.
+
+
+def two_hosts(destination: FakeShell, source: FakeShell, *, sudo: bool = False, **kwargs) -> ShellStrikes:
+    return ShellStrikes(destination=destination, destination_entry=host("b", sudo=sudo), link_interface="mig0",
+                        source=source, source_entry=host("a", address="192.0.2.11", lab_address="10.77.0.11",
+                                                         sudo=sudo),
+                        source_interface="mig0", **kwargs)
+
+
+def leftover_answer(stdout: str) -> dict[tuple[str, ...], CommandResult]:
+    return {("python3", "-c", LEFTOVER_QEMU_SCRIPT): ok(stdout)}
+
+
+def test_leftover_cleanup_sends_script_to_both_hosts():
+    destination, source = FakeShell("b"), FakeShell("a")
+    two_hosts(destination, source).kill_leftover_qemu("mlab-001-abc")
+    expected = ["python3", "-c", LEFTOVER_QEMU_SCRIPT, "mlab-001-abc", "any-netns", "10"]
+    assert destination.commands == [expected]
+    assert source.commands == [expected]
+
+
+def test_leftover_cleanup_shared_proc_scope():
+    destination, source = FakeShell("b"), FakeShell("a")
+    two_hosts(destination, source, shared_proc=True).kill_leftover_qemu("mlab-001-abc")
+    assert destination.commands[0][4] == "own-netns"
+    assert source.commands[0][4] == "own-netns"
+
+
+def test_leftover_cleanup_through_sudo():
+    destination, source = FakeShell("b"), FakeShell("a")
+    two_hosts(destination, source, sudo=True).kill_leftover_qemu("mlab-001-abc")
+    assert destination.commands[0][:5] == ["sudo", "-n", "--", "python3", "-c"]
+    assert source.commands[0][:5] == ["sudo", "-n", "--", "python3", "-c"]
+
+
+def test_leftover_cleanup_matches_only_the_guest():
+    destination, source = FakeShell("b"), FakeShell("a")
+    two_hosts(destination, source).kill_leftover_qemu("mlab-001-abc")
+    for argv in destination.commands + source.commands:
+        assert argv[0] not in ("pkill", "killall", "kill", "sh")
+        # The guest name reaches the host as one argument, never inside the script's text.
+        assert "mlab-001-abc" not in argv[2]
+    assert "pkill" not in LEFTOVER_QEMU_SCRIPT
+    assert "killall" not in LEFTOVER_QEMU_SCRIPT
+
+
+def test_leftover_pids_reported_per_host():
+    destination = FakeShell("b", leftover_answer("killed 4242\nkilled 4250\n"))
+    source = FakeShell("a", leftover_answer(""))
+    leftovers = two_hosts(destination, source).kill_leftover_qemu("mlab-001-abc")
+    assert [leftover.host for leftover in leftovers] == ["b", "a"]
+    assert leftovers[0].killed == [4242, 4250]
+    assert leftovers[0].warnings("mlab-001-abc") == [
+        "killed QEMU processes of mlab-001-abc on host b that libvirt no longer knew: 4242, 4250"]
+    assert leftovers[1].killed == []
+    assert leftovers[1].warnings("mlab-001-abc") == []
+
+
+def test_leftover_still_running_and_failed_kill_reported():
+    destination = FakeShell("b", leftover_answer("killed 4242\nfailed 4300 Operation not permitted\n"
+                                                 "running 4242\n"))
+    (leftover, _) = two_hosts(destination, FakeShell("a")).kill_leftover_qemu("mlab-001-abc")
+    assert leftover.killed == [4242]
+    assert leftover.running == [4242]
+    assert leftover.failed == [(4300, "Operation not permitted")]
+    warnings = leftover.warnings("mlab-001-abc")
+    assert "QEMU processes of mlab-001-abc on host b still present 10 s after SIGKILL: 4242" in warnings
+    assert "SIGKILL to QEMU process 4300 of mlab-001-abc on host b failed: Operation not permitted" in warnings
+
+
+def test_leftover_cleanup_failing_shell_warns():
+    class BrokenShell(FakeShell):
+        def run(self, argv, *, timeout, check=True):
+            self.commands.append(list(argv))
+            raise HostError("command python3 -c ... on host b failed: SSH error Connection reset by peer")
+
+    source = FakeShell("a", leftover_answer("killed 5151\n"))
+    leftovers = two_hosts(BrokenShell("b"), source).kill_leftover_qemu("mlab-001-abc")
+    assert leftovers[0].killed == []
+    assert leftovers[0].warnings("mlab-001-abc") == [
+        "could not look for leftover QEMU processes of mlab-001-abc on host b: command python3 -c ... on host b "
+        "failed: SSH error Connection reset by peer"]
+    # The source is still cleaned after the destination's shell failed.
+    assert leftovers[1].killed == [5151]
+
+
+def test_leftover_cleanup_script_failure_warns():
+    destination = FakeShell("b", {("python3", "-c", LEFTOVER_QEMU_SCRIPT): CommandResult(
+        127, "", "sh: 1: python3: not found\n")})
+    (leftover, _) = two_hosts(destination, FakeShell("a")).kill_leftover_qemu("mlab-001-abc")
+    assert leftover.error == "the QEMU cleanup script failed on host b: sh: 1: python3: not found"
+
+
+def test_leftover_cleanup_unexpected_output_warns():
+    destination = FakeShell("b", leftover_answer("killed 4242\nTraceback (most recent call last):\n"))
+    (leftover, _) = two_hosts(destination, FakeShell("a")).kill_leftover_qemu("mlab-001-abc")
+    assert leftover.error is not None
+    assert "printed 'Traceback (most recent call last):'" in leftover.error
+
+
+# The cleanup script itself, on this machine's /proc, with processes that look like QEMU.
+
+
+def run_leftover_script(scope: str = "any-netns", guest: str = "mlab-001-abc") -> CommandResult:
+    return run_local([sys.executable, "-c", LEFTOVER_QEMU_SCRIPT, guest, scope, "10"], timeout=30)
+
+
+def script_lines(result: CommandResult) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.fixture
+def guest_processes():
+    """A QEMU of the guest, and processes the cleanup must leave alone."""
+    not_qemu = subprocess.Popen(["python3", "-c", "import time; time.sleep(60)", "-name",
+                                 "guest=mlab-001-abc,debug-threads=on"], executable=sys.executable)
+    processes = {
+        "mine": fake_qemu("-name", "guest=mlab-001-abc,debug-threads=on", "-incoming", "defer"),
+        # Another guest whose name starts with this one's.
+        "longer name": fake_qemu("-name", "guest=mlab-001-abcd,debug-threads=on"),
+        # The marker inside an argument, not at its start.
+        "inside": fake_qemu("-append", "noguest=mlab-001-abc,x"),
+        "not qemu": not_qemu,
+    }
+    for process in processes.values():
+        wait_for_cmdline(process, b"guest=")
+    yield processes
+    for process in processes.values():
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_leftover_script_kills_only_the_guest(guest_processes):
+    started = time.monotonic()
+    lines = script_lines(run_leftover_script())
+    # The killed child stays a zombie of this test until reaped, which counts as gone.
+    assert time.monotonic() - started < 8
+    assert lines == [f"killed {guest_processes['mine'].pid}"]
+    assert guest_processes["mine"].wait(timeout=10) == -9
+    for label in ("longer name", "inside", "not qemu"):
+        assert guest_processes[label].poll() is None, label
+
+
+def test_leftover_script_finds_nothing_for_other_guest(guest_processes):
+    assert script_lines(run_leftover_script(guest="mlab-001-ab")) == []
+    assert all(process.poll() is None for process in guest_processes.values())
+
+
+def test_leftover_script_own_netns_skips_other_namespaces():
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace needs root")
+    # A QEMU of the guest in a network namespace of its own, and one in this test's.
+    start = ("import os, sys; os.execv(sys.executable, ['qemu-system-x86_64', '-c', "
+             "'import time; time.sleep(60)', '-name', 'guest=mlab-001-abc,debug-threads=on'])")
+    elsewhere = subprocess.Popen(["unshare", "--net", sys.executable, "-c", start])
+    in_test_netns = fake_qemu("-name", "guest=mlab-001-abc,debug-threads=on")
+    try:
+        wait_for_cmdline(elsewhere, b"guest=")
+        wait_for_cmdline(in_test_netns, b"guest=")
+        assert script_lines(run_leftover_script("own-netns")) == [f"killed {in_test_netns.pid}"]
+        assert elsewhere.poll() is None
+        assert script_lines(run_leftover_script("any-netns")) == [f"killed {elsewhere.pid}"]
+        assert elsewhere.wait(timeout=10) == -9
+    finally:
+        for process in (elsewhere, in_test_netns):
+            process.kill()
+            process.wait(timeout=10)
 
 
 # Rejections, each with its fix.

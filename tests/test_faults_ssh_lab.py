@@ -26,6 +26,7 @@ from lab.inventory import load_inventory, render_inventory, write_inventory
 from lab.playbook import load_playbook
 from lab.runner import ExperimentRunner
 from lab.store import load_record
+from tests.lab_helpers import lab_qemu_pids
 
 pytestmark = pytest.mark.lab
 
@@ -263,3 +264,71 @@ def test_killed_libvirtd_over_ssh_started_again(shared_lab, guest_image, tmp_pat
     status = shared_lab.status()
     assert all(not names for names in status.domains.values())
     assert not [problem for problem in status.problems if "libvirtd" in problem]
+
+
+
+# Postcopy keeps the destination QEMU running after libvirtd dies, whereas
+# an incoming precopy QEMU exits by itself once the source aborts.
+LEFTOVER_PLAYBOOK = """
+experiment: ssh-leftover-qemu
+guest:
+  memory_mib: 128
+  vcpus: 1
+workload:
+  working_set_mib: 32
+  dirty_rate_mib_s: 4
+  pattern: random
+migration:
+  strategy: postcopy
+  bandwidth_mib_s: 8
+  max_time_s: 60
+  fault: {kind: kill-libvirtd, at_postcopy: true}
+repetitions: 1
+inventory: local-ssh
+probes:
+  echo: {enabled: false}
+  stream: {enabled: false}
+  capture: {enabled: false}
+timeouts:
+  integrity_s: 10
+  fault_settle_s: 6
+  fault_abort_s: 20
+  postcopy_recovery_s: 5
+"""
+
+
+def test_leftover_qemu_killed_over_ssh(shared_lab, guest_image, tmp_path, monkeypatch):
+    """A destination QEMU that the restarted libvirtd does not know is killed through h2's SSH shell."""
+    status_dir = shared_lab.outside_path("h2", "/run/libvirt/qemu")
+    seen_on_h2: list[int] = []
+    forgotten: list[str] = []
+    start_lab = shared_lab.up
+
+    def up_forgetting_guests(*args, **kwargs):
+        # Without its status file, the libvirtd started after the kill does not
+        # list the guest's QEMU, as after a libvirtd crash that lost the file.
+        status_files = list(status_dir.glob("mlab-*.xml"))
+        if status_files:
+            seen_on_h2.extend(lab_qemu_pids(shared_lab, ("h2",)))
+            forgotten.extend(path.stem for path in status_files)
+        for path in status_files:
+            path.unlink()
+        return start_lab(*args, **kwargs)
+
+    monkeypatch.setattr(shared_lab, "up", up_forgetting_guests)
+    playbook_path = tmp_path / "playbook.yaml"
+    playbook_path.write_text(LEFTOVER_PLAYBOOK)
+    summary = ExperimentRunner(load_playbook(playbook_path), results_root=tmp_path / "results", lab=shared_lab,
+                               show_progress=False).run()
+    (run_id,) = summary.outcomes
+    record = load_record(summary.experiment_dir / "runs" / run_id)
+    steps = json.dumps(record.fault.steps, indent=1)
+    assert record.fault.struck_at_s is not None, steps
+    assert "SIGKILL to libvirtd of h2, pid" in record.fault.steps[0], steps
+    assert len(forgotten) == 1, f"status files removed from h2: {forgotten}\n{steps}"
+    assert len(seen_on_h2) == 1, f"QEMU processes in h2 when its libvirtd started again: {seen_on_h2}\n{steps}"
+    # Only the cleanup through a host's shell names the host; the search of this machine's /proc does not.
+    expected = f"killed QEMU processes of {forgotten[0]} on host h2 that libvirt no longer knew: {seen_on_h2[0]}"
+    assert expected in record.warnings, record.warnings
+    assert [warning for warning in record.warnings if "QEMU process" in warning] == [expected]
+    assert lab_qemu_pids(shared_lab) == []
