@@ -278,7 +278,7 @@ def probe_capabilities(conn: libvirt.virConnect, kernel: Path, initrd: Path) -> 
     """
     spec = domain.GuestSpec(name=f"{PROBE_PREFIX}{secrets.token_hex(3)}", run_id="capability-probe",
                             memory_mib=PROBE_MEMORY_MIB, vcpus=1, kernel=kernel, initrd=initrd,
-                            cmdline="console=ttyS0", accelerator="tcg", bridge=None)
+                            cmdline="console=ttyS0", accelerator="tcg", bridge=None, serial_console=False)
     dom = conn.createXML(domain.domain_xml(spec), libvirt.VIR_DOMAIN_START_PAUSED)
     try:
         return query_migrate_capabilities(dom)

@@ -69,6 +69,8 @@ class GuestSpec:
     mac: str | None = None
     nic_model: str = "e1000"
     disk: DiskSpec | None = None
+    # A guest that never runs, such as a paused probe, needs no console file.
+    serial_console: bool = True
 
     @property
     def console_path(self) -> str:
@@ -114,12 +116,13 @@ def domain_xml(spec: GuestSpec) -> str:
     ET.SubElement(root, "on_crash").text = "preserve"
 
     devices = ET.SubElement(root, "devices")
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=spec.console_path)
-    ET.SubElement(serial, "target", port="0")
-    console = ET.SubElement(devices, "console", type="file")
-    ET.SubElement(console, "source", path=spec.console_path)
-    ET.SubElement(console, "target", type="serial", port="0")
+    if spec.serial_console:
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=spec.console_path)
+        ET.SubElement(serial, "target", port="0")
+        console = ET.SubElement(devices, "console", type="file")
+        ET.SubElement(console, "source", path=spec.console_path)
+        ET.SubElement(console, "target", type="serial", port="0")
     if spec.disk is not None:
         _add_disk(devices, spec.disk)
     if spec.bridge:

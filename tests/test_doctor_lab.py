@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from lab.capabilities import PROBE_PREFIX
 from lab.doctor import run_doctor
 from lab.errors import ConfigError
 from lab.playbook import load_playbook
@@ -46,6 +49,11 @@ def test_doctor_verdicts_for_this_lab(doctor_report):
 def test_doctor_leaves_no_probe_guest(doctor_report, shared_lab):
     status = shared_lab.status()
     assert all(not names for names in status.domains.values())
+
+
+def test_doctor_leaves_no_probe_console(doctor_report, shared_lab):
+    console_dir = Path(shared_lab.host("h1").log_dir) / "qemu"
+    assert list(console_dir.glob(f"{PROBE_PREFIX}*-console.log")) == []
 
 
 def test_runner_rejects_dirty_limit_under_tcg(shared_lab, guest_image, tmp_path):

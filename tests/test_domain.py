@@ -36,6 +36,13 @@ def test_domain_xml_tcg_guest():
     assert owner.get("run") == "precopy-rate4-r1"
 
 
+def test_domain_xml_without_serial_console():
+    root = ET.fromstring(domain.domain_xml(make_spec(serial_console=False)))
+    assert root.find("devices/serial") is None
+    assert root.find("devices/console") is None
+    assert root.find("devices/interface/source").get("bridge") == "br0"
+
+
 def test_domain_xml_kvm_has_no_tcg_cpu_model():
     root = ET.fromstring(domain.domain_xml(make_spec(accelerator="kvm")))
     assert root.get("type") == "kvm"
