@@ -119,12 +119,14 @@ _TEXT = {
                         "falló y el guest sigue en la fuente), postcopy-recovered (postcopy se pausó y la "
                         "recuperación la terminó), guest-lost (ningún host ejecuta el guest), split-brain (los QEMU de "
                         "ambos hosts ejecutaron el guest), not-struck (la "
-                        "migración terminó antes del disparo)."),
+                        "migración terminó antes del disparo). La recuperación va desde la orden de reanudar la "
+                        "migración hasta que el QEMU del destino la da por completada."),
         "no_faults": "Ninguna ejecución de estos resultados tuvo un fallo.",
         "fault_columns": {"run_id": "ejecución", "fault_kind": "fallo", "fault_trigger": "disparo",
                           "fault_struck_at_s": "ocurrió a los (s)", "fault_in_postcopy": "en postcopy",
                           "outcome": "resultado de la ejecución", "fault_outcome": "resultado del fallo",
-                          "fault_recovered": "recuperado", "client_downtime_ms": "corte visto por el cliente (ms)"},
+                          "fault_recovered": "recuperado", "fault_recovery_ms": "recuperación (ms)",
+                          "client_downtime_ms": "corte visto por el cliente (ms)"},
         "yes": "sí", "no": "no",
     },
     "en": {
@@ -144,12 +146,14 @@ _TEXT = {
                         "failed and the guest still runs on the source), postcopy-recovered (postcopy was "
                         "paused and recovery finished it), guest-lost (no host runs the guest), split-brain (the QEMUs "
                         "of both hosts ran the guest), not-struck "
-                        "(the migration ended before the trigger)."),
+                        "(the migration ended before the trigger). Recovery runs from the command that resumes "
+                        "the migration until the destination QEMU reports it completed."),
         "no_faults": "No run of these results had a fault.",
         "fault_columns": {"run_id": "run", "fault_kind": "fault", "fault_trigger": "trigger",
                           "fault_struck_at_s": "struck at (s)", "fault_in_postcopy": "in postcopy",
                           "outcome": "run outcome", "fault_outcome": "fault outcome",
-                          "fault_recovered": "recovered", "client_downtime_ms": "outage seen by the client (ms)"},
+                          "fault_recovered": "recovered", "fault_recovery_ms": "recovery (ms)",
+                          "client_downtime_ms": "outage seen by the client (ms)"},
         "yes": "yes", "no": "no",
     },
 }
@@ -575,7 +579,7 @@ def fault_table(runs: pd.DataFrame, lang: str) -> list[str]:
                 cells.append(_yes_no(value, lang))
             elif column == "fault_struck_at_s":
                 cells.append("—" if not _present(value) else f"{float(value):.1f}")
-            elif column == "client_downtime_ms":
+            elif column in ("client_downtime_ms", "fault_recovery_ms"):
                 cells.append(_format(float(value)) if _present(value) else "—")
             else:
                 cells.append("—" if not _present(value) else str(value))

@@ -1120,6 +1120,12 @@ class ResumeResult:
     # From the source's resume command to the destination reporting the migration completed.
     took_s: float = 0.0
     steps: list[str] = field(default_factory=list)
+    # The clock's value at the first poll that found the destination completed, at
+    # most one poll interval after QEMU completed. None when the very first poll
+    # found it completed, because the time of the completion is then unknown.
+    completed_at: float | None = None
+    # The destination's query-migrate reply that reported the migration completed.
+    destination_status: dict[str, Any] = field(default_factory=dict)
 
 
 def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Callable[..., Any],
@@ -1149,15 +1155,20 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     started = clock()
     deadline = started + pause_wait_s
     active_noted = False
+    polls = 0
     while True:
         try:
             # The destination first: once it completed, the source's guest may be gone.
-            destination_state = destination_monitor("query-migrate").get("status")
+            destination_status = destination_monitor("query-migrate")
+            destination_state = destination_status.get("status")
             if destination_state == "completed":
                 result.finished = True
+                result.destination_status = destination_status
+                result.completed_at = clock() if polls else None
                 result.steps.append("the destination QEMU reports the migration completed without a resume")
                 result.took_s = clock() - started
                 return result
+            polls += 1
             states = {"source": source_monitor("query-migrate").get("status"), "destination": destination_state}
         except (LabError, *QMP_FAILURES) as exc:
             result.error = f"reading the migration state failed: {exc}"
@@ -1205,12 +1216,15 @@ def resume_postcopy(source_monitor: Callable[..., Any], destination_monitor: Cal
     status = None
     while clock() < deadline:
         try:
-            status = destination_monitor("query-migrate").get("status")
+            destination_status = destination_monitor("query-migrate")
         except (LabError, *QMP_FAILURES) as exc:
             result.error = f"reading the destination's migration state failed: {exc}"
             break
+        status = destination_status.get("status")
         if status == "completed":
             result.finished = True
+            result.completed_at = clock()
+            result.destination_status = destination_status
             break
         if status == "failed":
             result.error = "the destination QEMU reports the resumed migration as failed"

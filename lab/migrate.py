@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -551,7 +552,7 @@ class Migration:
             figures = blocktime.finish(postcopy_ran, keep_socket=keep)
             details.update(figures)
             if result.postcopy_started_at_s is not None and "postcopy_blocktime_ms" not in figures:
-                result.warnings.append(f"postcopy blocktime not measured: {blocktime.problem}")
+                result.warnings.append(f"{BLOCKTIME_MISSING}: {blocktime.problem}")
 
     def _postcopy_preempt_on(self) -> bool | None:
         """Return whether the source QEMU has postcopy-preempt on, or None before libvirt set it up."""
@@ -830,6 +831,22 @@ class _DowntimePolicy:
         self._recorder.add(self._host, "downtime-raised", f"{new_limit} ms")
 
 
+# Start of the run's warning when the destination reported no blocktime at the end of migrate3.
+BLOCKTIME_MISSING = "postcopy blocktime not measured"
+
+
+def blocktime_figures(status: dict[str, Any]) -> dict[str, object]:
+    """Return postcopy_blocktime_ms and postcopy_vcpu_blocktime_max_ms from the destination's query-migrate reply.
+
+    The reply has them once the capability is on and the postcopy phase
+    ran; without them the result is empty.
+    """
+    if "postcopy-blocktime" not in status:
+        return {}
+    return {"postcopy_blocktime_ms": int(status["postcopy-blocktime"]),
+            "postcopy_vcpu_blocktime_max_ms": max(status.get("postcopy-vcpu-blocktime") or [0])}
+
+
 class _BlocktimeMonitor:
     """A QMP socket of the destination QEMU, through which postcopy-blocktime is turned on and read.
 
@@ -885,11 +902,8 @@ class _BlocktimeMonitor:
         figures: dict[str, object] = {}
         try:
             if self._enabled and postcopy_ran and self._qmp is not None:
-                status = self._qmp.cmd("query-migrate")
-                if "postcopy-blocktime" in status:
-                    figures["postcopy_blocktime_ms"] = int(status["postcopy-blocktime"])
-                    figures["postcopy_vcpu_blocktime_max_ms"] = max(status.get("postcopy-vcpu-blocktime") or [0])
-                else:
+                figures = blocktime_figures(self._qmp.cmd("query-migrate"))
+                if not figures:
                     self.problem = "query-migrate on the destination reported no postcopy-blocktime"
         except QMP_FAILURES as exc:
             self.problem = f"query-migrate on the destination failed: {exc}"

@@ -37,9 +37,10 @@ from lab.capabilities import cached_capabilities, sparse_save_supported, stack_f
 from lab.errors import ConfigError
 from lab.faults import (DESTINATION_KINDS, LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, ShellStrikes,
                         classify_fault, domain_state, fault_host_problems, host_state_text, kill_leftover_qemu,
-                        qemu_status, resume_postcopy_through_socket, runs_guest, wait_for_migrated_guest)
-from lab.migrate import (Migration, MigrationResult, MigrationSettings, guest_rate_figures,
-                         migration_connections_argv)
+                        ResumeResult, qemu_status, resume_postcopy_through_socket, runs_guest,
+                        wait_for_migrated_guest)
+from lab.migrate import (BLOCKTIME_MISSING, Migration, MigrationResult, MigrationSettings, blocktime_figures,
+                         guest_rate_figures, migration_connections_argv)
 from lab.locking import experiment_lock
 from lab.preflight import available_memory_mib, check_guest_memory, check_results_writable
 from lab.playbook import Playbook, Scenario
@@ -114,6 +115,23 @@ def wait_for_reports(path: Path | HostFile, *, after_seq: int, count: int, timeo
                 if not dom.isActive():
                     return len(reports), last_seq
         time.sleep(0.25)
+
+
+def record_recovered_end(result: MigrationResult, resumed: ResumeResult) -> None:
+    """Store in *result* the end and the blocktime of a postcopy migration that finished after migrate3 returned.
+
+    migrate3's own figures stop at the failure: its transfer time is the
+    destination's last resume event before the recovery, and the destination
+    reported no blocktime then. The recovery's last query-migrate on the
+    destination gives both: the time it reported completed, within one poll,
+    and QEMU's blocktime, which then includes the vCPU's wait during the cut.
+    """
+    if resumed.completed_at is not None and result.t0_monotonic_s is not None:
+        result.transfer_time_ms = (resumed.completed_at - result.t0_monotonic_s) * 1000.0
+    figures = blocktime_figures(resumed.destination_status)
+    if figures:
+        result.details.update(figures)
+        result.warnings = [warning for warning in result.warnings if not warning.startswith(BLOCKTIME_MISSING)]
 
 
 def _samples_csv(windows: list[HostWindow]) -> bytes:
@@ -394,9 +412,12 @@ class ExperimentRunner:
                 if injector is not None:
                     self._undo_fault(injector, warnings)
             phases["migration_s"] = time.monotonic() - t
-            warnings.extend(result.warnings)
-            if injector is not None:
-                self._recover_postcopy(injector, result, dom, settings)
+            try:
+                if injector is not None:
+                    self._recover_postcopy(injector, result, dom, settings)
+            finally:
+                # After the recovery, which can replace a warning with the figures it read.
+                warnings.extend(result.warnings)
 
             t = time.monotonic()
             outcome, error, integrity = self._check_guest(result, dom, source_console, destination_console,
@@ -680,6 +701,7 @@ class ExperimentRunner:
                                 f"destination: {domain_state(self.destination, dom.name())})")
             return
         result.outcome, result.error, result.destination_domain = "completed", None, new_domain
+        record_recovered_end(result, resumed)
 
     def _revive_destination(self, injector: FaultInjector) -> None:
         """Start the destination's libvirtd again when it no longer answers.

@@ -341,16 +341,18 @@ def test_fault_table_one_row_per_run():
         "fault_in_postcopy": [True, None, False],
         "fault_outcome": ["guest-lost", None, "source-running"],
         "fault_recovered": [False, None, None],
+        "fault_recovery_ms": [61.69, math.nan, math.nan],
         "client_downtime_ms": [5079.06, 12.0, math.nan],
     })
     lines = fault_table(runs, "en")
     rows = [line for line in lines if line.startswith("| `")]
     assert rows == [
-        "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | yes | failed | guest-lost | no | 5079 |",
-        "| `precopy-fault-r1` | link-down | progress 50% | 3.0 | no | failed | source-running | — | — |",
+        "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | yes | failed | guest-lost | no | 61.7 | 5079 |",
+        "| `precopy-fault-r1` | link-down | progress 50% | 3.0 | no | failed | source-running | — | — | — |",
     ]
     spanish = fault_table(runs, "es")
-    assert "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | sí | failed | guest-lost | no | 5079 |" in spanish
+    assert "| `postcopy-fault-r1` | link-down | progress 50% | 4.3 | sí | failed | guest-lost | no | 61.7 | 5079 |" \
+        in spanish
 
 
 def test_fault_table_without_faults(results):
@@ -394,6 +396,13 @@ def test_key_reports_fault_outcomes(fault_results, lang):
         assert row[1] == record["fault"]["kind"]
         assert row[5] == record["outcome"]
         assert row[6] == record["fault"]["outcome"]
+        recovery_ms = record["fault"]["recovery_ms"]
+        if recovery_ms is None:
+            assert row[8] == "—"
+        else:
+            assert float(row[8]) == pytest.approx(recovery_ms, abs=0.5)
+    # The fixture has recovered runs, so the recovery column is checked against numbers.
+    assert any(record["fault"]["recovery_ms"] is not None for record in records)
     plain = [record["run_id"] for record in _records(fault_results) if record["fault"] is None]
     assert plain
     for run_id in plain:

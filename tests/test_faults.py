@@ -11,11 +11,13 @@ from pydantic import ValidationError
 
 from lab import faults
 from lab.faults import ABORT, GIVE_UP, FaultInjector, FaultSpec, FaultTimeouts, trigger_reached
+from lab.migrate import BLOCKTIME_MISSING, MigrationResult
 from lab.records import FaultRecord, RunRecord
 from tests.test_playbook import BASE, load_error, write
 from tests.test_records import sample_record
 
 from lab.playbook import load_playbook
+from lab.runner import record_recovered_end
 
 
 def spec(**values) -> FaultSpec:
@@ -310,10 +312,13 @@ def test_leftover_qemu_of_guest_killed():
 class ScriptedMonitor:
     """A QMP monitor that returns query-migrate states from a list, and records every command."""
 
-    def __init__(self, states: list[str], socket_address: list[dict] | None = None, fail: str | None = None):
+    def __init__(self, states: list[str], socket_address: list[dict] | None = None, fail: str | None = None,
+                 completed_reply: dict | None = None):
         self.states = list(states)
         self.socket_address = socket_address
         self.fail = fail
+        # Fields that the reply with status completed adds, such as postcopy-blocktime.
+        self.completed_reply = completed_reply or {}
         self.commands: list[tuple[str, dict]] = []
 
     def __call__(self, command: str, **arguments):
@@ -323,6 +328,8 @@ class ScriptedMonitor:
         if command == "query-migrate":
             status = self.states.pop(0) if len(self.states) > 1 else self.states[0]
             reply = {"status": status}
+            if status == "completed":
+                reply.update(self.completed_reply)
             if self.socket_address is not None:
                 reply["socket-address"] = self.socket_address
             return reply
@@ -346,8 +353,8 @@ class FakeClock:
 LISTEN = [{"type": "inet", "host": "10.77.0.12", "port": "49231", "ipv4": True}]
 
 
-def resume(source, destination, timeout_s=30.0):
-    clock = FakeClock()
+def resume(source, destination, timeout_s=30.0, clock=None):
+    clock = clock or FakeClock()
     return faults.resume_postcopy(source, destination, "10.77.0.12", timeout_s, clock=clock, sleep=clock.sleep)
 
 
@@ -363,6 +370,42 @@ def test_resume_sends_recover_then_resume():
     assert source.commands[-1] == ("migrate", {"uri": "tcp:10.77.0.12:49231", "resume": True})
     assert result.took_s > 0
     assert any("tcp:10.77.0.12:49231" in step for step in result.steps)
+
+
+def test_resume_keeps_completion_time_and_reply():
+    clock = FakeClock()
+    clock.now = 100.0
+    source = ScriptedMonitor(["postcopy-paused"])
+    blocktime = {"postcopy-blocktime": 6100, "postcopy-vcpu-blocktime": [6100]}
+    destination = ScriptedMonitor(["postcopy-paused", "postcopy-paused", "postcopy-recover", "postcopy-active",
+                                   "postcopy-active", "completed"], socket_address=LISTEN, completed_reply=blocktime)
+    result = resume(source, destination, clock=clock)
+    assert result.finished, result.error
+    # Three polls of 0.2 s after the resume command, which came at once.
+    assert result.completed_at == pytest.approx(100.6)
+    assert result.completed_at - result.took_s == pytest.approx(100.0)
+    assert result.destination_status["status"] == "completed"
+    assert result.destination_status["postcopy-blocktime"] == 6100
+
+
+def test_resume_completed_before_first_poll_has_no_time():
+    source = ScriptedMonitor(["postcopy-paused"])
+    destination = ScriptedMonitor(["completed"], completed_reply={"postcopy-blocktime": 40})
+    result = resume(source, destination)
+    assert result.finished
+    assert result.completed_at is None
+    assert result.destination_status["postcopy-blocktime"] == 40
+
+
+def test_resume_completed_while_waiting_has_time():
+    clock = FakeClock()
+    source = ScriptedMonitor(["postcopy-active"])
+    destination = ScriptedMonitor(["postcopy-active"] * 5 + ["completed"], socket_address=LISTEN)
+    result = resume(source, destination, clock=clock)
+    assert result.finished, result.error
+    assert not result.resumed
+    assert result.completed_at == clock.now
+    assert result.completed_at > 0
 
 
 def test_resume_waits_for_both_sides_paused():
@@ -715,3 +758,32 @@ def test_postcopy_pause_falls_back_to_qmp(tmp_path, monkeypatch, reply, step):
     assert any(step in line for line in fault_injector.report.steps)
     # The link comes back after the pause, so the migration can be resumed.
     assert fault_injector.report.restored_at_s == 3.0
+
+
+def recovered_result() -> MigrationResult:
+    return MigrationResult(outcome="completed", error=None, destination_domain=None, completed_stats={},
+                           samples=[], events=[], started_at=0.0, wall_total_ms=9583.0, transfer_time_ms=9571.0,
+                           t0_monotonic_s=100.0,
+                           warnings=[f"{BLOCKTIME_MISSING}: query-migrate on the destination reported no "
+                                     "postcopy-blocktime", "another warning"])
+
+
+def test_recovered_end_replaces_migrate3_figures():
+    result = recovered_result()
+    resumed = faults.ResumeResult(finished=True, resumed=True, took_s=2.2, completed_at=110.3,
+                                  destination_status={"status": "completed", "postcopy-blocktime": 6900,
+                                                      "postcopy-vcpu-blocktime": [6900]})
+    record_recovered_end(result, resumed)
+    assert result.transfer_time_ms == pytest.approx(10_300.0)
+    assert result.details["postcopy_blocktime_ms"] == 6900
+    assert result.details["postcopy_vcpu_blocktime_max_ms"] == 6900
+    assert result.warnings == ["another warning"]
+
+
+def test_recovered_end_without_figures_keeps_migrate3_ones():
+    result = recovered_result()
+    resumed = faults.ResumeResult(finished=True, completed_at=None, destination_status={"status": "completed"})
+    record_recovered_end(result, resumed)
+    assert result.transfer_time_ms == 9571.0
+    assert "postcopy_blocktime_ms" not in result.details
+    assert len(result.warnings) == 2

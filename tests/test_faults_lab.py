@@ -115,6 +115,9 @@ def test_cut_postcopy_recovered(experiment):
     assert record.outcome == "completed", record.error
     assert fault.recovery_ms is not None
     assert 0 < fault.recovery_ms <= 150_000
+    # The migration ended after the resume command, which came after the pause.
+    assert record.measured.transfer_time_ms >= fault.aborted_at_s * 1000 + fault.recovery_ms
+    assert record.measured.postcopy_blocktime_ms is not None, record.warnings
     assert fault.destination_state == "running", steps
     assert fault.source_state == "absent", steps
     assert record.integrity.guest_alive
