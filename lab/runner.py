@@ -355,6 +355,11 @@ class ExperimentRunner:
         spec = self._guest_spec(name, run_id, scenario, self.accelerator)
         source_console = console_path(self.source_host, name)
         destination_console = console_path(self.destination_host, name)
+        # Stored with the run under these names, then removed from the hosts.
+        host_logs = {f"console-{self.source_host.name}.log": source_console,
+                     f"console-{self.destination_host.name}.log": destination_console,
+                     f"qemu-{self.source_host.name}.log": self.source_host.qemu_log_file(name),
+                     f"qemu-{self.destination_host.name}.log": self.destination_host.qemu_log_file(name)}
         started_at = datetime.now(timezone.utc)
         phases: dict[str, float] = {}
         warnings: list[str] = []
@@ -444,9 +449,9 @@ class ExperimentRunner:
         except BaseException:
             if probes is not None:
                 probes.close()
-            # An interrupt outside the migration stores no run, so its console
-            # logs go too; left behind, they would look like the next run's.
-            for path in (source_console, destination_console):
+            # An interrupt outside the migration stores no run, so its logs go
+            # too. Left behind, a console log would look like the next run's.
+            for path in host_logs.values():
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             raise
@@ -479,10 +484,12 @@ class ExperimentRunner:
                 disk_left = disk.remove()
 
         files = {}
-        for host, path in ((self.source_host, source_console), (self.destination_host, destination_console)):
-            if path.exists():
-                files[f"console-{host.name}.log"] = path.read_bytes()
-                path.unlink()
+        for file_name, path in host_logs.items():
+            try:
+                files[file_name] = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            path.unlink(missing_ok=True)
         if windows:
             files["host-samples.csv"] = _samples_csv(windows)
         observed = self._observe(result, probe_outputs, files, warnings)

@@ -7,6 +7,7 @@ workload the guest ran, and that the report is written from the stored runs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +111,18 @@ def test_events_and_consoles_per_host(experiment, strategy):
     assert ("h1", "iteration") in kinds
     assert "mlab-workload: ready" in (folder / "console-h1.log").read_text()
     assert "mlab-workload: t_ms=" in (folder / "console-h2.log").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["precopy", "postcopy"])
+def test_qemu_logs_stored_per_host(experiment, strategy, shared_lab):
+    folder = run_dir(experiment, strategy)
+    source_log = (folder / "qemu-h1.log").read_text()
+    destination_log = (folder / "qemu-h2.log").read_text()
+    assert "qemu-system-x86_64" in source_log
+    assert "-incoming" in destination_log
+    guest = next(line for line in source_log.splitlines() if "guest=" in line).split("guest=")[1].split(",")[0]
+    for host in ("h1", "h2"):
+        assert not (Path(shared_lab.host(host).log_dir) / "qemu" / f"{guest}.log").exists()
 
 
 def test_environment_recorded(experiment):

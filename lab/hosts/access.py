@@ -99,18 +99,19 @@ class RunHost:
     migration_interface: str
     shell: Shell
     _connect: Callable[[], libvirt.virConnect]
-    _console_file: Callable[[str], Path | HostFile]
+    # Maps a path as the host sees it to a Path on this machine or a file read over SSH.
+    _host_file: Callable[[str], Path | HostFile]
 
     def connect(self) -> libvirt.virConnect:
         return self._connect()
 
     def console_file(self, guest_name: str) -> Path | HostFile:
         """Return the console log of a guest on this host, as a Path or a file read over SSH."""
-        return self._console_file(guest_name)
+        return self._host_file(f"{domain.CONSOLE_DIR}/{guest_name}-console.log")
 
-
-def _console_inside(guest_name: str) -> str:
-    return f"{domain.CONSOLE_DIR}/{guest_name}-console.log"
+    def qemu_log_file(self, guest_name: str) -> Path | HostFile:
+        """Return libvirt's log of a guest's QEMU on this host: its command line and what QEMU printed."""
+        return self._host_file(f"{domain.CONSOLE_DIR}/{guest_name}.log")
 
 
 def detect_interface(shell: Shell, address: str) -> str:
@@ -226,7 +227,7 @@ def _namespace_host(local_lab: LocalLab, entry: InventoryHost, inventory: Invent
         guest_bridge=inventory.network.guest_bridge,
         migration_interface=entry.migration_interface or info.guest_bridge or "br0",
         shell=NamespaceShell(local_lab, entry.name), _connect=lambda: open_connection(uri),
-        _console_file=lambda guest: local_lab.outside_path(entry.name, _console_inside(guest)))
+        _host_file=lambda inside: local_lab.outside_path(entry.name, inside))
 
 
 def _ssh_host(remote: RemoteHost, inventory: Inventory) -> RunHost:
@@ -236,7 +237,7 @@ def _ssh_host(remote: RemoteHost, inventory: Inventory) -> RunHost:
     return RunHost(
         name=entry.name, entry=entry, libvirt_uri=remote.libvirt_uri, migration_uri=entry.migration_uri,
         guest_bridge=inventory.network.guest_bridge, migration_interface=interface, shell=remote,
-        _connect=remote.open_libvirt, _console_file=lambda guest: HostFile(remote, _console_inside(guest)))
+        _connect=remote.open_libvirt, _host_file=lambda inside: HostFile(remote, inside))
 
 
 def open_access(choice: LabChoice, local_lab: LocalLab, *, hosts: int = 2) -> LabAccess:
