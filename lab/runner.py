@@ -34,7 +34,7 @@ from lab.hosts.local import LocalLab
 from lab.hosts.shell import HostFile
 
 from lab.capabilities import cached_capabilities, sparse_save_supported, stack_facts, stack_problems
-from lab.errors import ConfigError
+from lab.errors import ConfigError, HostError
 from lab.faults import (DESTINATION_KINDS, LIBVIRT_SETTLE_S, FaultInjector, FaultTimeouts, ShellStrikes,
                         classify_fault, domain_state, fault_host_problems, host_state_text, kill_leftover_qemu,
                         ResumeResult, qemu_status, resume_postcopy_through_socket, runs_guest,
@@ -487,9 +487,13 @@ class ExperimentRunner:
         for file_name, path in host_logs.items():
             try:
                 files[file_name] = path.read_bytes()
+                path.unlink(missing_ok=True)
             except FileNotFoundError:
                 continue
-            path.unlink(missing_ok=True)
+            except (HostError, OSError) as exc:
+                # On a server, libvirt's logs may be readable by root only.
+                log.warning("run %s: %s not stored: %s", run_id, path, exc)
+                warnings.append(f"{file_name} not stored: {exc}")
         if windows:
             files["host-samples.csv"] = _samples_csv(windows)
         observed = self._observe(result, probe_outputs, files, warnings)
