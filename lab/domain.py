@@ -89,9 +89,11 @@ class GuestSpec:
     mac: str | None = None
     nic_model: str = "e1000"
     disk: DiskSpec | None = None
-    # Controller ID written into the ownership mark: this machine's unless
-    # given. None writes a mark without it, as migrlab did before this field.
+    # Controller ID and host name written into the ownership mark, this
+    # machine's unless given. A None controller writes a mark without both,
+    # as migrlab did before these fields.
     controller: str | None = field(default_factory=lambda: controller_id())
+    controller_host: str | None = field(default_factory=socket.gethostname)
 
     @property
     def console_path(self) -> str:
@@ -132,13 +134,18 @@ def read_controller_id(machine_id_files: tuple[Path, ...] = MACHINE_ID_FILES,
     fallback = fallback_file or state_dir() / "controller-id"
     try:
         stored = fallback.read_text().strip()
-    except FileNotFoundError:
+    except OSError:
         stored = ""
     if _MACHINE_ID.match(stored):
         return stored
     generated = secrets.token_hex(16)
-    fallback.parent.mkdir(parents=True, exist_ok=True)
-    fallback.write_text(generated + "\n")
+    try:
+        fallback.parent.mkdir(parents=True, exist_ok=True)
+        fallback.write_text(generated + "\n")
+    except OSError as error:
+        raise LabError(f"no machine ID in {', '.join(map(str, machine_id_files))}, and storing a random "
+                       f"controller ID in {fallback} failed: {error}; create a machine ID with "
+                       "systemd-machine-id-setup, or make that folder writable") from error
     log.info("no machine ID in %s; stored the random controller ID %s in %s",
              ", ".join(map(str, machine_id_files)), generated, fallback)
     return generated
@@ -170,7 +177,8 @@ def domain_xml(spec: GuestSpec) -> str:
     owner.set("run", spec.run_id)
     if spec.controller is not None:
         owner.set("controller", spec.controller)
-        owner.set("controller-host", socket.gethostname())
+        if spec.controller_host is not None:
+            owner.set("controller-host", spec.controller_host)
 
     os_element = ET.SubElement(root, "os")
     ET.SubElement(os_element, "type", arch="x86_64", machine="pc").text = "hvm"

@@ -33,6 +33,7 @@ migration: {strategy: precopy, bandwidth_mib_s: 4, downtime_limit_ms: 300, max_t
 repetitions: 1
 """
 OTHER_CONTROLLER = "0f" * 16
+OTHER_HOST = "laptop-of-someone-else"
 
 
 def migrlab(shared_lab, *args, **kwargs):
@@ -75,7 +76,7 @@ def foreign_guest(shared_lab, guest_image):
     name = f"mlab-foreign-{secrets.token_hex(3)}"
     spec = domain.GuestSpec(name=name, run_id="foreign-r1", memory_mib=64, vcpus=1, kernel=guest_image.kernel,
                             initrd=guest_image.initrd, cmdline="console=ttyS0", accelerator="tcg", bridge=None,
-                            controller=OTHER_CONTROLLER)
+                            controller=OTHER_CONTROLLER, controller_host=OTHER_HOST)
     conn = libvirt.open(shared_lab.host("h1").libvirt_uri)
     try:
         yield lambda: conn.createXML(domain.domain_xml(spec), libvirt.VIR_DOMAIN_START_PAUSED)
@@ -117,7 +118,7 @@ def test_kill_9_then_clean_over_ssh(shared_lab, guest_image, foreign_guest, tmp_
     assert cleaner.returncode == 0, stderr
     assert f"removed guest {guest} on h1" in stdout
     assert f"left {foreign.name()} on h1: it belongs to run foreign-r1 of another machine" in stdout
-    assert OTHER_CONTROLLER in stdout
+    assert f"host {OTHER_HOST}, controller ID {OTHER_CONTROLLER}" in stdout
 
     after = domains(shared_lab)
     assert after["h1"] == {foreign.name()}

@@ -154,12 +154,12 @@ def test_controller_id_without_machine_id_is_stored(tmp_path, text):
 
 
 def test_mark_names_controller(test_conn):
-    dom = test_conn.createXML(driver_xml(make_spec(controller="c" * 32)), 0)
+    dom = test_conn.createXML(driver_xml(make_spec(controller="c" * 32, controller_host="laptop-b")), 0)
     mark = domain.owner_mark(dom)
     assert mark is not None
     assert mark.run == "precopy-rate4-r1"
     assert mark.controller == "c" * 32
-    assert mark.controller_host == socket.gethostname()
+    assert mark.controller_host == "laptop-b"
 
 
 def test_mark_defaults_to_this_machine():
@@ -167,6 +167,14 @@ def test_mark_defaults_to_this_machine():
     assert spec.controller == domain.controller_id()
     owner = ET.fromstring(domain.domain_xml(spec)).find(f"metadata/{{{domain.OWNER_NAMESPACE}}}owner")
     assert owner.get("controller") == domain.controller_id()
+    assert owner.get("controller-host") == socket.gethostname()
+
+
+def test_controller_id_unwritable_fallback(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state folder should be\n")
+    with pytest.raises(LabError, match="systemd-machine-id-setup"):
+        domain.read_controller_id((tmp_path / "missing",), blocker / "controller-id")
 
 
 def test_old_mark_has_unknown_controller(test_conn):
