@@ -167,10 +167,10 @@ def image_push(inventory: str) -> None:
 # -- hosts -------------------------------------------------------------------
 
 def _load_inventory_argument(value: str):
-    """Load the inventory a command names: a file, or 'local' for the local lab's own."""
+    """Load the inventory a command names: a file, or 'local' or 'local-ssh' for the local lab's own."""
     from lab.inventory import load_inventory
 
-    if value == "local":
+    if value in ("local", "local-ssh"):
         lab_instance = local_lab()
         if not lab_instance.inventory_file.is_file():
             raise LabError(f"the local lab at {lab_instance.root} is not up, so it has no inventory; "
@@ -337,24 +337,42 @@ def plan(playbook: Path, output_format: str) -> None:
 @main.command("clean")
 @click.option("--results", "results_root", type=click.Path(path_type=Path), default=Path("results"),
               show_default=True, help="Results folder whose half-written runs are deleted.")
-def clean(results_root: Path) -> None:
+@click.option("--inventory", default=None,
+              help="Clean the libvirt hosts of this inventory over SSH instead of the local lab: an inventory "
+                   "file, or 'local' or 'local-ssh' for the local lab's own. Only guests that this machine "
+                   "created are destroyed.")
+def clean(results_root: Path, inventory: str | None) -> None:
     """Remove guests, console logs and half-written runs that a killed run left behind.
 
-    Only guests with the harness's ownership mark are destroyed. The lab
-    itself stays up; 'migrlab lab down' removes it.
+    Only guests with the harness's ownership mark are destroyed. With
+    --inventory, the mark must also name this machine as the guest's
+    controller, because other people may run migrlab against the same
+    servers. The lab itself stays up; 'migrlab lab down' removes it.
     """
-    from lab.cleanup import clean_hosts
+    from lab.cleanup import clean_hosts, clean_inventory
+    from lab.domain import controller_id
     from lab.locking import experiment_lock
     from lab.store import remove_partial_writes
 
-    lab_instance = local_lab()
-    with experiment_lock(lab_instance.prefix):
-        report = clean_hosts(lab_instance)
+    if inventory is None:
+        lab_instance = local_lab()
+        with experiment_lock(lab_instance.prefix):
+            report = clean_hosts(lab_instance)
+    else:
+        inventory_model = _load_inventory_argument(inventory)
+        # 'migrlab run' takes the lock named after the inventory, and the local
+        # lab names its inventory after its prefix.
+        # NOTE: the lock is this machine's only, per inventory name, so a run
+        # from this machine under another inventory file naming the same
+        # servers does not hold it, and this clean would destroy its guests.
+        with experiment_lock(inventory_model.name):
+            report = clean_inventory(inventory_model)
+        console.print(f"controller ID of this machine: {controller_id()}", highlight=False)
     removed = report.removed + [f"half-written run {path}" for path in remove_partial_writes(results_root)]
     for item in removed:
-        console.print(f"removed {item}")
+        console.print(f"removed {escape(item)}", highlight=False, soft_wrap=True)
     for item in report.foreign:
-        console.print(f"left {item}: it has no migration-lab ownership mark")
+        console.print(f"left {escape(item)}", highlight=False, soft_wrap=True)
     if not removed:
         console.print("nothing to remove")
     if report.failures:

@@ -5,25 +5,45 @@ Every domain the harness creates carries two marks: a name that starts with
 the run it belongs to. Functions that stop, destroy or migrate a domain
 check both marks first, so a domain someone else created is never touched,
 even when its name collides.
+
+The metadata element also names the controlling machine, the one that runs
+migrlab, so that ``migrlab clean --inventory`` on servers shared by several
+people removes only the guests of the machine it runs on. Marks written
+before the element had that attribute read as an unknown controller.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import logging
+import re
+import secrets
+import socket
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 
 from lab.errors import LabError, OwnershipError
+from lab.paths import state_dir
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "mlab-"
 OWNER_NAMESPACE = "urn:x-migration-lab:owner:1"
 OWNER_PREFIX = "migrlab"
+# Sources of the machine's identity, in order: systemd's and D-Bus's machine ID.
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+# Fixed key of the keyed hash that turns the machine ID into the controller
+# ID. machine-id(5) (systemd 254) requires applications to expose only such a
+# hash, never the machine ID itself, and anyone with libvirt access to a host
+# can read the mark.
+CONTROLLER_HASH_KEY = b"migration-lab controller 1"
+_MACHINE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Console log path inside each host; every host binds its own private
 # /var/log/libvirt, so the same path names a different file on each host.
 CONSOLE_DIR = "/var/log/libvirt/qemu"
@@ -71,10 +91,72 @@ class GuestSpec:
     disk: DiskSpec | None = None
     # A guest that never runs, such as a paused probe, needs no console file.
     serial_console: bool = True
+    # Controller ID and host name written into the ownership mark, this
+    # machine's unless given. A None controller writes a mark without both,
+    # as migrlab did before these fields.
+    controller: str | None = field(default_factory=lambda: controller_id())
+    controller_host: str | None = field(default_factory=socket.gethostname)
 
     @property
     def console_path(self) -> str:
         return f"{CONSOLE_DIR}/{self.name}-console.log"
+
+
+@dataclass(frozen=True)
+class OwnerMark:
+    """The harness's ownership mark of a domain.
+
+    ``controller`` is the ID of the machine that ran migrlab and created the
+    domain, and ``controller_host`` that machine's host name, for people to
+    read. Both are None in marks written before the harness recorded them.
+    """
+
+    run: str
+    controller: str | None = None
+    controller_host: str | None = None
+
+
+def read_controller_id(machine_id_files: tuple[Path, ...] = MACHINE_ID_FILES,
+                       fallback_file: Path | None = None) -> str:
+    """Derive this machine's controller ID: 32 hex digits of HMAC-SHA256 of the machine ID.
+
+    The machine ID comes from the first of *machine_id_files* that contains one.
+    A machine without any (some containers) gets a random ID, stored in
+    *fallback_file* (``controller-id`` in the state folder) and read from
+    there afterwards.
+    """
+    for path in machine_id_files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if _MACHINE_ID.match(text) and text != "0" * 32:
+            digest = hmac.new(CONTROLLER_HASH_KEY, bytes.fromhex(text), hashlib.sha256).hexdigest()
+            return digest[:32]
+    fallback = fallback_file or state_dir() / "controller-id"
+    try:
+        stored = fallback.read_text().strip()
+    except OSError:
+        stored = ""
+    if _MACHINE_ID.match(stored):
+        return stored
+    generated = secrets.token_hex(16)
+    try:
+        fallback.parent.mkdir(parents=True, exist_ok=True)
+        fallback.write_text(generated + "\n")
+    except OSError as error:
+        raise LabError(f"no machine ID in {', '.join(map(str, machine_id_files))}, and storing a random "
+                       f"controller ID in {fallback} failed: {error}; create a machine ID with "
+                       "systemd-machine-id-setup, or make that folder writable") from error
+    log.info("no machine ID in %s; stored the random controller ID %s in %s",
+             ", ".join(map(str, machine_id_files)), generated, fallback)
+    return generated
+
+
+@functools.cache
+def controller_id() -> str:
+    """Return this machine's controller ID, read once per process."""
+    return read_controller_id()
 
 
 def guest_mac(index: int) -> str:
@@ -95,6 +177,10 @@ def domain_xml(spec: GuestSpec) -> str:
     metadata = ET.SubElement(root, "metadata")
     owner = ET.SubElement(metadata, f"{{{OWNER_NAMESPACE}}}owner")
     owner.set("run", spec.run_id)
+    if spec.controller is not None:
+        owner.set("controller", spec.controller)
+        if spec.controller_host is not None:
+            owner.set("controller-host", spec.controller_host)
 
     os_element = ET.SubElement(root, "os")
     ET.SubElement(os_element, "type", arch="x86_64", machine="pc").text = "hvm"
@@ -148,8 +234,8 @@ def _add_disk(devices: ET.Element, disk: DiskSpec) -> None:
     ET.SubElement(disk_element, "target", dev=DISK_TARGET, bus="virtio")
 
 
-def owner_run(dom: libvirt.virDomain) -> str | None:
-    """Return the run id in the harness's ownership mark, or None without a mark."""
+def owner_mark(dom: libvirt.virDomain) -> OwnerMark | None:
+    """Return the harness's ownership mark of *dom*, or None when the name or the metadata element is missing."""
     if not dom.name().startswith(NAME_PREFIX):
         return None
     try:
@@ -158,7 +244,17 @@ def owner_run(dom: libvirt.virDomain) -> str | None:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             return None
         raise
-    return ET.fromstring(element).get("run")
+    owner = ET.fromstring(element)
+    run = owner.get("run")
+    if run is None:
+        return None
+    return OwnerMark(run=run, controller=owner.get("controller"), controller_host=owner.get("controller-host"))
+
+
+def owner_run(dom: libvirt.virDomain) -> str | None:
+    """Return the run id in the harness's ownership mark, or None without a mark."""
+    mark = owner_mark(dom)
+    return None if mark is None else mark.run
 
 
 def require_owned(dom: libvirt.virDomain) -> str:
@@ -186,7 +282,7 @@ def boot(conn: libvirt.virConnect, spec: GuestSpec) -> libvirt.virDomain:
     else:
         require_owned(existing)
         raise LabError(f"guest {spec.name!r} already runs on {conn.getHostname()}; "
-                       "remove leftovers with 'migrlab clean'")
+                       "remove leftovers with 'migrlab clean', adding --inventory INVENTORY for an inventory's hosts")
     log.debug("booting %s on %s", spec.name, conn.getURI())
     return conn.createXML(domain_xml(spec), 0)
 

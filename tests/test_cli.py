@@ -75,6 +75,22 @@ def test_run_reports_missing_playbook(cli, tmp_path):
     assert "not found" in result.output
 
 
+def test_clean_reports_missing_inventory(cli, tmp_path):
+    result = cli.invoke(main, ["clean", "--inventory", str(tmp_path / "absent.yaml"),
+                               "--results", str(tmp_path / "results")])
+    assert result.exit_code == 1
+    assert "absent.yaml" in result.output
+    assert "inventory not found" in result.output
+
+
+@pytest.mark.parametrize("value", ["local", "local-ssh"])
+def test_clean_inventory_needs_local_lab_up(cli, tmp_path, value):
+    env = {"MIGRLAB_LAB_DIR": str(tmp_path / "lab"), "MIGRLAB_LAB_PREFIX": "cli-check"}
+    result = cli.invoke(main, ["clean", "--inventory", value, "--results", str(tmp_path / "results")], env=env)
+    assert result.exit_code == 1
+    assert "is not up, so it has no inventory" in result.output
+
+
 def test_report_writes_figures(cli, tmp_path):
     experiment_dir = fabricate_experiment(tmp_path)
     result = cli.invoke(main, ["report", str(experiment_dir)])

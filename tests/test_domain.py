@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -110,3 +111,85 @@ def test_boot_refuses_name_collision_with_foreign_domain(test_conn):
     test_conn.createXML(ET.tostring(root, encoding="unicode"), 0)
     with pytest.raises(OwnershipError):
         domain.boot(test_conn, make_spec(name="mlab-taken"))
+
+
+# The controlling machine's identity in the ownership mark.
+
+MACHINE_ID = "3d1219c7c4c5404aaa1f6d2a48adfda4"
+
+
+def write_machine_id(folder: Path, text: str) -> Path:
+    path = folder / "machine-id"
+    path.write_text(text)
+    return path
+
+
+def test_controller_id_derived_from_machine_id(tmp_path):
+    path = write_machine_id(tmp_path, MACHINE_ID + "\n")
+    first = domain.read_controller_id((path,), tmp_path / "fallback")
+    again = domain.read_controller_id((path,), tmp_path / "fallback")
+    assert first == again
+    assert len(first) == 32
+    assert int(first, 16) >= 0
+    assert MACHINE_ID not in first
+    assert not (tmp_path / "fallback").exists()
+
+
+def test_controller_id_differs_between_machines(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = domain.read_controller_id((write_machine_id(tmp_path / "a", MACHINE_ID),), tmp_path / "fallback")
+    other = domain.read_controller_id((write_machine_id(tmp_path / "b", "0123456789abcdef0123456789abcdef"),),
+                                      tmp_path / "fallback")
+    assert one != other
+
+
+def test_controller_id_tries_next_file(tmp_path):
+    second = write_machine_id(tmp_path, MACHINE_ID)
+    direct = domain.read_controller_id((second,), tmp_path / "fallback")
+    assert domain.read_controller_id((tmp_path / "missing", second), tmp_path / "fallback") == direct
+
+
+@pytest.mark.parametrize("text", ["", "uninitialized\n", "0" * 32, "3D1219C7C4C5404AAA1F6D2A48ADFDA4"])
+def test_controller_id_without_machine_id_is_stored(tmp_path, text):
+    path = write_machine_id(tmp_path, text)
+    fallback = tmp_path / "state" / "controller-id"
+    first = domain.read_controller_id((path,), fallback)
+    assert fallback.read_text().strip() == first
+    assert len(first) == 32
+    assert domain.read_controller_id((path,), fallback) == first
+
+
+def test_mark_names_controller(test_conn):
+    dom = test_conn.createXML(driver_xml(make_spec(controller="c" * 32, controller_host="laptop-b")), 0)
+    mark = domain.owner_mark(dom)
+    assert mark is not None
+    assert mark.run == "precopy-rate4-r1"
+    assert mark.controller == "c" * 32
+    assert mark.controller_host == "laptop-b"
+
+
+def test_mark_defaults_to_this_machine():
+    spec = make_spec()
+    assert spec.controller == domain.controller_id()
+    owner = ET.fromstring(domain.domain_xml(spec)).find(f"metadata/{{{domain.OWNER_NAMESPACE}}}owner")
+    assert owner.get("controller") == domain.controller_id()
+    assert owner.get("controller-host") == socket.gethostname()
+
+
+def test_controller_id_unwritable_fallback(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state folder should be\n")
+    with pytest.raises(LabError, match="systemd-machine-id-setup"):
+        domain.read_controller_id((tmp_path / "missing",), blocker / "controller-id")
+
+
+def test_old_mark_has_unknown_controller(test_conn):
+    xml = driver_xml(make_spec(controller=None))
+    owner = ET.fromstring(xml).find(f"metadata/{{{domain.OWNER_NAMESPACE}}}owner")
+    assert sorted(owner.attrib) == ["run"]
+    dom = test_conn.createXML(xml, 0)
+    mark = domain.owner_mark(dom)
+    assert mark == domain.OwnerMark(run="precopy-rate4-r1", controller=None, controller_host=None)
+    assert domain.owner_run(dom) == "precopy-rate4-r1"
+    assert domain.require_owned(dom) == "precopy-rate4-r1"
