@@ -2,10 +2,11 @@
 
 Only domains with the harness's ownership mark are destroyed; any other
 domain is listed and left alone. On the local lab every marked domain goes,
-and console logs and guest disk files are removed when their name starts
-with the harness's guest name prefix. On the hosts of an inventory, which
-several people may share, only domains whose mark names this machine as
-their controller go, and only the console logs of the guests destroyed.
+and guest logs (console and libvirt's QEMU log) and disk files are removed
+when their name starts with the harness's guest name prefix. On the hosts of
+an inventory, which several people may share, only domains whose mark names
+this machine as their controller go, and only the logs of the guests
+destroyed.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def destroy_marked(conn: libvirt.virConnect, host_name: str, controller: str | N
 
 
 def clean_hosts(local_lab: LocalLab) -> CleanupReport:
-    """Destroy the harness's guests on every libvirt host of the lab and delete their console logs and disks."""
+    """Destroy the harness's guests on every libvirt host of the lab and delete their logs and disks."""
     from lab.disks import LOCAL_IMAGES_DIR, SHARED_SUBDIR
 
     report = CleanupReport()
@@ -107,9 +108,9 @@ def clean_hosts(local_lab: LocalLab) -> CleanupReport:
         finally:
             conn.close()
         if host.log_dir is not None:
-            for console in sorted((Path(host.log_dir) / "qemu").glob(f"{domain.NAME_PREFIX}*-console.log")):
-                console.unlink(missing_ok=True)
-                report.removed.append(f"console log {console}")
+            for guest_log in sorted((Path(host.log_dir) / "qemu").glob(f"{domain.NAME_PREFIX}*.log")):
+                guest_log.unlink(missing_ok=True)
+                report.removed.append(f"log {guest_log}")
         images = local_lab.outside_path(host.name, LOCAL_IMAGES_DIR)
         _remove_disks(images, f" on {host.name}", report)
     _remove_disks(local_lab.root / "shared" / SHARED_SUBDIR, "", report)
@@ -123,12 +124,12 @@ def _remove_disks(folder: Path, where: str, report: CleanupReport) -> None:
 
 
 def clean_inventory(inventory: Inventory, controller: str | None = None) -> CleanupReport:
-    """Destroy this machine's guests on every libvirt host of *inventory*, then delete their console logs.
+    """Destroy this machine's guests on every libvirt host of *inventory*, then delete their logs.
 
     Reaches each host as runs do: libvirt over its remote URI, and commands
     over SSH, through ``sudo -n`` where the host sets ``sudo: true``. Only
     domains whose mark names *controller* (default: this machine's ID) are
-    destroyed. The console logs of every guest destroyed are removed on
+    destroyed. The console and QEMU logs of every guest destroyed are removed on
     every host reached, because after a migration a guest may have one on
     each side. A guest whose destroy failed anywhere keeps its logs. A host
     that fails is reported and the others are still cleaned.
@@ -160,19 +161,19 @@ def clean_inventory(inventory: Inventory, controller: str | None = None) -> Clea
         names = [name for name in destroyed if name not in failed]
         for remote, entry in reached:
             try:
-                removed = remove_console_logs(remote, entry, names)
+                removed = remove_guest_logs(remote, entry, names)
             except HostError as exc:
-                report.failures.append(f"console logs on host {entry.name}: {exc}")
+                report.failures.append(f"guest logs on host {entry.name}: {exc}")
                 continue
-            report.removed += [f"console log {path} on {entry.name}" for path in removed]
+            report.removed += [f"log {path} on {entry.name}" for path in removed]
     finally:
         for remote, _entry in reached:
             remote.close()
     return report
 
 
-def remove_console_logs(shell: Shell, entry: InventoryHost, guest_names: list[str]) -> list[str]:
-    """Delete the console logs of *guest_names* on one host through its shell; return the paths deleted.
+def remove_guest_logs(shell: Shell, entry: InventoryHost, guest_names: list[str]) -> list[str]:
+    """Delete the console and QEMU logs of *guest_names* on one host through its shell; return the paths deleted.
 
     The command runs as the SSH user, or through ``sudo -n`` when the host
     sets ``sudo: true``, because libvirt writes the logs as root. Raises
@@ -181,13 +182,14 @@ def remove_console_logs(shell: Shell, entry: InventoryHost, guest_names: list[st
     for name in guest_names:
         if not name.startswith(domain.NAME_PREFIX) or "/" in name:
             raise HostError(f"guest name {name!r} is not a file name starting with {domain.NAME_PREFIX!r}, so "
-                            "its console log path is unknown")
+                            "its log paths are unknown")
     if not guest_names:
         return []
-    paths = [f"{domain.CONSOLE_DIR}/{name}-console.log" for name in guest_names]
+    paths = [path for name in guest_names
+             for path in (f"{domain.CONSOLE_DIR}/{name}-console.log", f"{domain.CONSOLE_DIR}/{name}.log")]
     argv = privileged(["sh", "-c", REMOVE_EXISTING_SCRIPT, "sh", *paths], entry.sudo)
     result = shell.run(argv, timeout=COMMAND_TIMEOUT_S, check=False)
     if result.returncode != 0:
         output = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
-        raise HostError(f"removing console logs on host {entry.name} failed: {output}")
+        raise HostError(f"removing guest logs on host {entry.name} failed: {output}")
     return [line for line in result.stdout.splitlines() if line]

@@ -342,7 +342,7 @@ def plan(playbook: Path, output_format: str) -> None:
                    "file, or 'local' or 'local-ssh' for the local lab's own. Only guests that this machine "
                    "created are destroyed.")
 def clean(results_root: Path, inventory: str | None) -> None:
-    """Remove guests, console logs and half-written runs that a killed run left behind.
+    """Remove guests, their logs and half-written runs that a killed run left behind.
 
     Only guests with the harness's ownership mark are destroyed. With
     --inventory, the mark must also name this machine as the guest's

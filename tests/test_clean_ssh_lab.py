@@ -126,5 +126,7 @@ def test_kill_9_then_clean_over_ssh(shared_lab, guest_image, foreign_guest, tmp_
     assert foreign.isActive()
     for host in ("h1", "h2"):
         assert not (console_dir(shared_lab, host) / f"{guest}-console.log").exists(), host
+        assert not (console_dir(shared_lab, host) / f"{guest}.log").exists(), host
+    assert f"removed log /var/log/libvirt/qemu/{guest}.log on h1" in stdout
     assert (console_dir(shared_lab, "h1") / f"{foreign.name()}-console.log").exists()
     assert not list((results / "clean-ssh-check" / "runs").glob(".*"))

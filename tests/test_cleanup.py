@@ -132,39 +132,43 @@ def console(name: str) -> str:
     return f"{domain.CONSOLE_DIR}/{name}-console.log"
 
 
-def test_console_logs_removed_by_name():
+def qemu_log(name: str) -> str:
+    return f"{domain.CONSOLE_DIR}/{name}.log"
+
+
+def test_guest_logs_removed_by_name():
     shell = FakeShell(stdout=console("mlab-a") + "\n")
-    removed = cleanup.remove_console_logs(shell, inventory().host("h1"), ["mlab-a", "mlab-b"])
+    removed = cleanup.remove_guest_logs(shell, inventory().host("h1"), ["mlab-a", "mlab-b"])
     assert removed == [console("mlab-a")]
     assert len(shell.commands) == 1
     argv = shell.commands[0]
     assert argv[0] == "sh"
-    assert argv[-2:] == [console("mlab-a"), console("mlab-b")]
+    assert argv[-4:] == [console("mlab-a"), qemu_log("mlab-a"), console("mlab-b"), qemu_log("mlab-b")]
 
 
-def test_console_logs_removed_through_sudo():
+def test_guest_logs_removed_through_sudo():
     shell = FakeShell()
-    cleanup.remove_console_logs(shell, inventory(sudo=True).host("h1"), ["mlab-a"])
+    cleanup.remove_guest_logs(shell, inventory(sudo=True).host("h1"), ["mlab-a"])
     assert shell.commands[0][:4] == ["sudo", "-n", "--", "sh"]
 
 
-def test_console_logs_none_destroyed_runs_nothing():
+def test_guest_logs_none_destroyed_runs_nothing():
     shell = FakeShell()
-    assert cleanup.remove_console_logs(shell, inventory().host("h1"), []) == []
+    assert cleanup.remove_guest_logs(shell, inventory().host("h1"), []) == []
     assert shell.commands == []
 
 
-def test_console_logs_failure_raises():
+def test_guest_logs_failure_raises():
     shell = FakeShell(returncode=1, stderr="sudo: a password is required")
     with pytest.raises(HostError, match="host h1 failed: sudo: a password is required"):
-        cleanup.remove_console_logs(shell, inventory().host("h1"), ["mlab-a"])
+        cleanup.remove_guest_logs(shell, inventory().host("h1"), ["mlab-a"])
 
 
 @pytest.mark.parametrize("name", ["mlab-../../etc/passwd", "guest1"])
-def test_console_logs_reject_other_names(name):
+def test_guest_logs_reject_other_names(name):
     shell = FakeShell()
     with pytest.raises(HostError, match="not a file name"):
-        cleanup.remove_console_logs(shell, inventory().host("h1"), [name])
+        cleanup.remove_guest_logs(shell, inventory().host("h1"), [name])
     assert shell.commands == []
 
 
@@ -213,12 +217,12 @@ def test_inventory_continues_after_failed_host(conn, monkeypatch):
     h1, h2 = FakeRemote.instances
     assert h1.commands == []
     assert len(h2.commands) == 1
-    assert h2.commands[0][-1:] == [console("mlab-ours")]
+    assert h2.commands[0][-2:] == [console("mlab-ours"), qemu_log("mlab-ours")]
     assert h1.closed
     assert h2.closed
 
 
-def test_inventory_reports_console_failure(conn, monkeypatch):
+def test_inventory_reports_log_failure(conn, monkeypatch):
     class FailingRemote(FakeRemote):
         def __init__(self, entry, inventory):
             super().__init__(entry, inventory)
@@ -228,5 +232,5 @@ def test_inventory_reports_console_failure(conn, monkeypatch):
     monkeypatch.setattr(cleanup, "RemoteHost", FailingRemote)
     report = cleanup.clean_inventory(inventory(), OURS)
     assert report.removed == ["guest mlab-ours on h2"]
-    assert report.failures[-1] == ("console logs on host h2: removing console logs on host h2 failed: "
+    assert report.failures[-1] == ("guest logs on host h2: removing guest logs on host h2 failed: "
                                    "rm: cannot remove: Permission denied")
