@@ -1,7 +1,12 @@
-"""Helpers of the lab tests: running a playbook on the session's lab, and finding its QEMU processes."""
+"""Helpers of the lab tests: running a playbook or the migrlab command on the session's lab, and finding
+its QEMU processes and guest console logs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,3 +41,40 @@ def run_playbook_text(text: str, lab, folder: Path, label: str):
     summary = runner.run()
     print(f"\n{label} experiment: {len(summary.outcomes)} runs in {time.monotonic() - started:.0f} s")
     return summary
+
+
+def migrlab(lab, *args: str, **kwargs) -> subprocess.Popen:
+    """Start the migrlab command of this environment on *lab*, with text pipes for its output."""
+    env = dict(os.environ, MIGRLAB_LAB_DIR=str(lab.root), MIGRLAB_LAB_PREFIX=lab.prefix)
+    command = [str(Path(sys.executable).parent / "migrlab"), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Poll *predicate* until it is true, or fail the test after *timeout_s* seconds."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def console_dir(lab, host: str) -> Path:
+    return Path(lab.host(host).log_dir) / "qemu"
+
+
+def new_consoles(lab, host: str, since: float) -> set[str]:
+    """Return the names of the guest console logs on *host* written after *since* (a time.time() value).
+
+    libvirt creates a guest's console log when it starts the guest's QEMU, so
+    a new log on the destination means a migration is under way. Older logs
+    belong to someone else and do not count.
+    """
+    found = set()
+    for path in console_dir(lab, host).glob("mlab-*-console.log"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime >= since:
+                found.add(path.name)
+    return found

@@ -12,15 +12,13 @@ import contextlib
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import libvirt
 import pytest
 
 from lab import domain
+from tests.lab_helpers import console_dir, migrlab, new_consoles, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -34,36 +32,6 @@ repetitions: 1
 """
 OTHER_CONTROLLER = "0f" * 16
 OTHER_HOST = "laptop-of-someone-else"
-
-
-def migrlab(shared_lab, *args, **kwargs):
-    env = dict(os.environ, MIGRLAB_LAB_DIR=str(shared_lab.root), MIGRLAB_LAB_PREFIX=shared_lab.prefix)
-    command = [str(Path(sys.executable).parent / "migrlab"), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
-
-
-def console_dir(shared_lab, host: str) -> Path:
-    return Path(shared_lab.host(host).log_dir) / "qemu"
-
-
-def new_consoles(shared_lab, host: str, since: float) -> set[str]:
-    """Return the names of the guest console logs on *host* written after *since* (a time.time() value)."""
-    found = set()
-    for path in console_dir(shared_lab, host).glob("mlab-*-console.log"):
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mtime >= since:
-                found.add(path.name)
-    return found
-
-
-def wait_until(predicate, timeout_s, what):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def domains(shared_lab) -> dict[str, set[str]]:

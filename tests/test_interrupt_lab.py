@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.lab_helpers import migrlab, new_consoles, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -29,35 +27,9 @@ FAST_RUN = "bw64-r1"
 SLOW_RUN = "bw4-r1"
 
 
-def migrlab(shared_lab, *args, **kwargs):
-    env = dict(os.environ, MIGRLAB_LAB_DIR=str(shared_lab.root), MIGRLAB_LAB_PREFIX=shared_lab.prefix)
-    command = [str(Path(sys.executable).parent / "migrlab"), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
-
-
-def wait_until(predicate, timeout_s, what):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def migration_running(shared_lab, since: float):
-    """Return True once a destination QEMU started after *since* (a time.time() value).
-
-    The destination opens the guest's console file when libvirt starts the
-    incoming QEMU, so a new console file on h2 means the migration is under
-    way. Files older than *since* belong to someone else and do not count.
-    """
-    console_dir = Path(shared_lab.host("h2").log_dir) / "qemu"
-    for path in console_dir.glob("mlab-*-console.log"):
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mtime >= since:
-                return True
-    return False
+def migration_running(shared_lab, since: float) -> bool:
+    """Return True once a destination QEMU started after *since* (a time.time() value)."""
+    return bool(new_consoles(shared_lab, "h2", since))
 
 
 def outcome(experiment_dir, run_id):
