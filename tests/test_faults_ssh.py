@@ -181,18 +181,24 @@ def wait_for_cmdline(process: subprocess.Popen, text: bytes) -> None:
         time.sleep(0.05)
 
 
+def started(processes: dict[str, subprocess.Popen]):
+    """Yield *processes* once each shows its guest argument, then kill them all."""
+    try:
+        for process in processes.values():
+            wait_for_cmdline(process, b"guest=")
+        yield processes
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait(timeout=10)
+
+
 @pytest.fixture
 def qemus():
     source = fake_qemu("-name", "guest=mlab-001-abc,debug-threads=on")
     destination = fake_qemu("-name", "guest=mlab-001-abc,debug-threads=on", "-incoming", "defer")
     other = fake_qemu("-name", "guest=mlab-001-abcd,debug-threads=on", "-incoming", "defer")
-    processes = {"source": source, "destination": destination, "other": other}
-    for process in processes.values():
-        wait_for_cmdline(process, b"guest=")
-    yield processes
-    for process in processes.values():
-        process.kill()
-        process.wait(timeout=10)
+    yield from started({"source": source, "destination": destination, "other": other})
 
 
 def run_kill_qemu(pid_file: Path, mode: str) -> CommandResult:
@@ -357,12 +363,7 @@ def guest_processes():
         "inside": fake_qemu("-append", "noguest=mlab-001-abc,x"),
         "not qemu": not_qemu,
     }
-    for process in processes.values():
-        wait_for_cmdline(process, b"guest=")
-    yield processes
-    for process in processes.values():
-        process.kill()
-        process.wait(timeout=10)
+    yield from started(processes)
 
 
 def test_leftover_script_kills_only_the_guest(guest_processes):
