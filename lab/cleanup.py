@@ -113,7 +113,7 @@ def clean_hosts(local_lab: LocalLab) -> CleanupReport:
                 report.removed.append(f"log {guest_log}")
         images = local_lab.outside_path(host.name, LOCAL_IMAGES_DIR)
         _remove_disks(images, f" on {host.name}", report)
-    _remove_disks(local_lab.root / "shared" / SHARED_SUBDIR, "", report)
+    _remove_disks(local_lab.shared_dir / SHARED_SUBDIR, "", report)
     return report
 
 
@@ -185,8 +185,7 @@ def remove_guest_logs(shell: Shell, entry: InventoryHost, guest_names: list[str]
                             "its log paths are unknown")
     if not guest_names:
         return []
-    paths = [path for name in guest_names
-             for path in (f"{domain.CONSOLE_DIR}/{name}-console.log", f"{domain.CONSOLE_DIR}/{name}.log")]
+    paths = [path for name in guest_names for path in (domain.console_log_path(name), domain.qemu_log_path(name))]
     argv = privileged(["sh", "-c", REMOVE_EXISTING_SCRIPT, "sh", *paths], entry.sudo)
     result = shell.run(argv, timeout=COMMAND_TIMEOUT_S, check=False)
     if result.returncode != 0:

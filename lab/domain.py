@@ -99,7 +99,17 @@ class GuestSpec:
 
     @property
     def console_path(self) -> str:
-        return f"{CONSOLE_DIR}/{self.name}-console.log"
+        return console_log_path(self.name)
+
+
+def console_log_path(guest_name: str) -> str:
+    """Return the path of a guest's serial console log inside its host."""
+    return f"{CONSOLE_DIR}/{guest_name}-console.log"
+
+
+def qemu_log_path(guest_name: str) -> str:
+    """Return the path of libvirt's log of a guest's QEMU inside its host."""
+    return f"{CONSOLE_DIR}/{guest_name}.log"
 
 
 @dataclass(frozen=True)

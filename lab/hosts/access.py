@@ -99,7 +99,7 @@ class RunHost:
     migration_interface: str
     shell: Shell
     _connect: Callable[[], libvirt.virConnect]
-    # Maps a path as the host sees it to a Path on this machine or a file read over SSH.
+    # Maps a path inside the host to a Path on this machine or a file read over SSH.
     _host_file: Callable[[str], Path | HostFile]
 
     def connect(self) -> libvirt.virConnect:
@@ -107,11 +107,11 @@ class RunHost:
 
     def console_file(self, guest_name: str) -> Path | HostFile:
         """Return the console log of a guest on this host, as a Path or a file read over SSH."""
-        return self._host_file(f"{domain.CONSOLE_DIR}/{guest_name}-console.log")
+        return self._host_file(domain.console_log_path(guest_name))
 
     def qemu_log_file(self, guest_name: str) -> Path | HostFile:
         """Return libvirt's log of a guest's QEMU on this host: its command line and what QEMU printed."""
-        return self._host_file(f"{domain.CONSOLE_DIR}/{guest_name}.log")
+        return self._host_file(domain.qemu_log_path(guest_name))
 
 
 def detect_interface(shell: Shell, address: str) -> str:
