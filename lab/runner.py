@@ -496,19 +496,18 @@ class ExperimentRunner:
                 warnings.append(f"{file_name} not stored: {exc}")
         if windows:
             files["host-samples.csv"] = _samples_csv(windows)
-        observed = self._observe(result, probe_outputs, files, warnings)
+        consoles = {host.name: files.get(f"console-{host.name}.log", b"").decode(errors="replace")
+                    for host in (self.source_host, self.destination_host)}
+        source_text, destination_text = consoles[self.source_host.name], consoles[self.destination_host.name]
+        observed = self._observe(result, probe_outputs, consoles, files, warnings)
         if result is not None:
-            rates = guest_rate_figures(files.get(f"console-{self.source_host.name}.log", b"").decode(errors="replace"),
-                                       files.get(f"console-{self.destination_host.name}.log", b"").decode(
-                                           errors="replace"), last_seq)
+            rates = guest_rate_figures(source_text, destination_text, last_seq)
             result.details.update(guest_rate_before_pps=rates[0], guest_rate_min_pps=rates[1])
         disk_record = None
         if disk is not None:
             if disk_left:
                 warnings.append(f"disk files left behind: {', '.join(disk_left)}")
-            disk_record = disk.record(
-                files.get(f"console-{self.source_host.name}.log", b"").decode(errors="replace"),
-                files.get(f"console-{self.destination_host.name}.log", b"").decode(errors="replace"), disk_left)
+            disk_record = disk.record(source_text, destination_text, disk_left)
         record = self._record(run_id, scenario, repetition, started_at, outcome, error, result, integrity,
                               phases, warnings, observed=observed,
                               host_figures=[HostFigures.model_validate(window.figures()) for window in windows],
@@ -554,9 +553,12 @@ class ExperimentRunner:
             raise
         return session
 
-    def _observe(self, result: MigrationResult | None, outputs: ProbeOutputs | None, files: dict[str, bytes],
-                 warnings: list[str]) -> Observed:
-        """Compute the client's and the guest's figures and add the timeline parts to ``files``."""
+    def _observe(self, result: MigrationResult | None, outputs: ProbeOutputs | None, consoles: dict[str, str],
+                 files: dict[str, bytes], warnings: list[str]) -> Observed:
+        """Compute the client's and the guest's figures and add the timeline parts to ``files``.
+
+        *consoles* maps each host's name to the text of the guest's console log there.
+        """
         if result is None or result.t0_monotonic_s is None:
             return Observed()
         paused = result.switchover_at_s
@@ -565,8 +567,6 @@ class ExperimentRunner:
         clock = RunClock(t0_ns=round(result.t0_monotonic_s * 1e9), completed=result.outcome == "completed",
                          paused_at_s=paused, resumed_at_s=resumed,
                          transfer_end_s=result.transfer_time_ms / 1000.0 if result.transfer_time_ms else None)
-        consoles = {host.name: files.get(f"console-{host.name}.log", b"").decode(errors="replace")
-                    for host in (self.source_host, self.destination_host)}
         observation = observe_run(outputs, clock, consoles=consoles, source_host=self.source_host.name,
                                   destination_host=self.destination_host.name)
         warnings.extend(observation.warnings)
