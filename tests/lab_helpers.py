@@ -51,14 +51,14 @@ def migrlab(lab, *args: str, **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
+def wait_until(predicate, timeout_s: float, description: str) -> None:
     """Poll *predicate* until it is true, or fail the test after *timeout_s* seconds."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if predicate():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {description}")
 
 
 def console_dir(lab, host: str) -> Path:

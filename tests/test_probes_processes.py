@@ -259,8 +259,8 @@ def test_mac_filter_on_loopback():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(protocol.pack_echo_request(42, 1), ("127.0.0.1", 9))
         time.sleep(0.2)
-        # Other programs of the machine also talk over lo, so their frames may
-        # come first, and a packet socket on lo sees each frame going out and in.
+        # Other programs of the machine also send over lo, so their frames may
+        # come first. A packet socket on lo receives each frame twice: outgoing and incoming.
         frames = []
         with contextlib.suppress(BlockingIOError):
             while True:

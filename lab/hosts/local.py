@@ -292,7 +292,7 @@ class LocalLab:
 
     @property
     def shared_dir(self) -> Path:
-        """Folder that every libvirt host sees at this path and that libvirt treats as shared storage."""
+        """Folder that every libvirt host reaches at this same path and that libvirt treats as shared storage."""
         return self.root / "shared"
 
     @property
